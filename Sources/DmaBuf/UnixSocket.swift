@@ -1,0 +1,128 @@
+import CDmaBuf
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The identity of the process at the other end of a Unix socket (`SO_PEERCRED`), as the kernel recorded
+/// it at `connect`/`socketpair` time: it cannot be forged by the peer.
+public struct PeerCredentials: Sendable, Hashable, Codable {
+    public var pid: Int32
+    public var uid: UInt32
+    public var gid: UInt32
+
+    public init(pid: Int32, uid: UInt32, gid: UInt32) {
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+    }
+}
+
+/// Unix-domain sockets with descriptor passing (`SCM_RIGHTS`).
+public enum UnixSocket {
+    /// Socket kinds dmabufd uses.
+    public enum Kind: Sendable {
+        /// `SOCK_STREAM`
+        case stream
+        /// `SOCK_SEQPACKET`: message boundaries kept, which dmabufd's protocol relies on.
+        case seqpacket
+
+        var raw: CInt {
+            switch self {
+            case .stream: CInt(SOCK_STREAM.rawValue)
+            case .seqpacket: CInt(SOCK_SEQPACKET.rawValue)
+            }
+        }
+    }
+
+    /// The most descriptors one message can carry (`SCM_MAX_FD`).
+    public static let maximumDescriptors = Int(CDmaBuf_SCM_MAX_FD)
+
+    /// A connected pair (`socketpair(AF_UNIX)`, close-on-exec). Each end closes when its last reference goes.
+    public static func pair(_ kind: Kind = .seqpacket) throws -> (SharedFD, SharedFD) {
+        let (a, b) = try Sys.socketpair(kind.raw).get(or: "socket", "socketpair failed")
+        return (SharedFD(adopting: a), SharedFD(adopting: b))
+    }
+
+    /// Connects to the socket at `path`. The caller owns the result.
+    /// - Throws: ``DmaBufError`` ENOENT/ECONNREFUSED when nothing listens there, EACCES without permission.
+    public static func connect(path: String, kind: Kind = .seqpacket) throws -> UniqueFD {
+        let fd = UniqueFD(adopting: try Sys.socket(AF_UNIX, kind.raw).get(or: "socket", "socket(AF_UNIX) failed"))
+        if case .failure(let errno) = Sys.connect(fd.descriptor, path: path) {
+            throw DmaBufError(
+                "socket", errno, "cannot connect to \(path)",
+                fix: errno == .noSuchFileOrDirectory || errno == .connectionRefused ? "is dmabufd running? (systemctl status dmabufd.socket)"
+                    : errno == .permissionDenied ? "join the socket's group (dmabuf) or ask an admin" : nil)
+        }
+        return fd
+    }
+
+    /// Binds and listens at `path`, replacing a stale socket file. The caller owns the result.
+    public static func listen(path: String, kind: Kind = .seqpacket, backlog: CInt = 128) throws -> UniqueFD {
+        let fd = UniqueFD(adopting: try Sys.socket(AF_UNIX, kind.raw).get(or: "socket", "socket(AF_UNIX) failed"))
+        _ = unlink(path)
+        _ = try Sys.bind(fd.descriptor, path: path).get(or: "socket", "cannot bind \(path)")
+        _ = try Sys.listen(fd.descriptor, backlog: backlog).get(or: "socket", "cannot listen on \(path)")
+        return fd
+    }
+
+    /// Accepts one connection (close-on-exec). The caller owns the result.
+    public static func accept(_ listener: FileDescriptor) throws -> UniqueFD {
+        UniqueFD(adopting: try Sys.accept(listener).get(or: "socket", "accept failed"))
+    }
+
+    /// Sends `bytes` with `fds` attached in one `SCM_RIGHTS` message. The descriptors stay the caller's:
+    /// the receiver gets new ones to the same files.
+    /// - Returns: the bytes sent.
+    /// - Throws: ``DmaBufError`` EPIPE when the peer is gone, EINVAL for more than ``maximumDescriptors``.
+    @discardableResult
+    public static func send(_ socket: FileDescriptor, bytes: [UInt8], fds: [FileDescriptor] = [], flags: CInt = 0) throws -> Int {
+        try bytes.withUnsafeBytes { raw in
+            try Sys.sendWithFDs(socket, raw, fds.map(\.rawValue), flags: flags).get(
+                or: "socket", "sendmsg of \(bytes.count) bytes with \(fds.count) fds failed")
+        }
+    }
+
+    /// A received message.
+    public struct Message: Sendable {
+        /// The data; empty at end of stream.
+        public var bytes: [UInt8]
+        /// Descriptors that arrived with it; each `SharedFD` closes its descriptor when dropped.
+        public var fds: [SharedFD]
+        /// Descriptors beyond `maxFDs` that arrived and were closed on receipt.
+        public var surplusFDs: Int
+        /// `MSG_TRUNC`: the datagram was longer than `maxBytes`.
+        public var dataTruncated: Bool
+        /// `MSG_CTRUNC`: the kernel dropped descriptors that did not fit the control buffer.
+        public var controlTruncated: Bool
+        /// True when the peer closed the connection.
+        public var isEndOfStream: Bool { bytes.isEmpty && fds.isEmpty && !dataTruncated }
+    }
+
+    /// Receives one message of at most `maxBytes` bytes and `maxFDs` descriptors (`MSG_CMSG_CLOEXEC`).
+    /// Surplus descriptors are closed, never leaked, and counted in ``Message/surplusFDs``.
+    public static func receive(_ socket: FileDescriptor, maxBytes: Int, maxFDs: Int = maximumDescriptors, flags: CInt = 0) throws -> Message {
+        var buffer = [UInt8](repeating: 0, count: maxBytes)
+        var fds = [CInt](repeating: -1, count: max(maxFDs, 1))
+        var count = maxFDs
+        var surplus = 0
+        var messageFlags: CInt = 0
+        let n = try buffer.withUnsafeMutableBytes { raw in
+            try Sys.receiveWithFDs(socket, raw, &fds, count: &count, surplus: &surplus, messageFlags: &messageFlags, flags: flags)
+                .get(or: "socket", "recvmsg failed")
+        }
+        return Message(
+            bytes: Array(buffer[0..<min(n, maxBytes)]),
+            fds: fds[0..<count].map { SharedFD(adopting: $0) },
+            surplusFDs: surplus,
+            dataTruncated: messageFlags & CInt(MSG_TRUNC) != 0,
+            controlTruncated: messageFlags & CInt(MSG_CTRUNC) != 0)
+    }
+
+    /// The peer's pid, uid and gid (`SO_PEERCRED`).
+    public static func peerCredentials(_ socket: FileDescriptor) throws -> PeerCredentials {
+        let (pid, uid, gid) = try Sys.peerCredentials(socket).get(or: "socket", "SO_PEERCRED failed")
+        return PeerCredentials(pid: pid, uid: uid, gid: gid)
+    }
+}

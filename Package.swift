@@ -6,9 +6,16 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .library(name: "DmaBuf", targets: ["DmaBuf"]),
+        .library(name: "DmaBufWire", targets: ["DmaBufWire"]),
+        .library(name: "DmaBufClient", targets: ["DmaBufClient"]),
+        .executable(name: "dmabufd", targets: ["dmabufd"]),
+        .executable(name: "dmabufctl", targets: ["dmabufctl"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system.git", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
     ],
     targets: [
         // C shim over the dma-buf uAPI: ioctl request numbers, flexible-array structs, CMSG, fcntl.
@@ -24,6 +31,45 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // The wire protocol: message types, the binary codec, limits. No I/O.
+        .target(name: "DmaBufWire", dependencies: ["DmaBuf"]),
+        // Async client library over the protocol.
+        .target(name: "DmaBufClient", dependencies: ["DmaBuf", "DmaBufWire"]),
+        // The broker's service logic: event loop, accounting, quotas, leases, udev, systemd.
+        .target(
+            name: "DmaBufDaemon",
+            dependencies: [
+                "DmaBuf", "DmaBufWire", "CUdev", "CSystemd",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "dmabufd",
+            dependencies: [
+                "DmaBufDaemon",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .target(
+            name: "DmaBufCLI",
+            dependencies: [
+                "DmaBuf", "DmaBufWire", "DmaBufClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(name: "dmabufctl", dependencies: ["DmaBufCLI"]),
+        // Device tests: run on real dma-heap/udmabuf/vgem (in scripts/vm), skip with a reason elsewhere.
+        .executableTarget(
+            name: "dmabuf-device-tests",
+            dependencies: ["DmaBuf", "DmaBufWire", "DmaBufClient", "DmaBufDaemon", "CDmaBuf"],
+            path: "Tests/DeviceTests"
+        ),
         .testTarget(name: "DmaBufTests", dependencies: ["DmaBuf", "CDmaBuf"]),
+        .testTarget(name: "DmaBufWireTests", dependencies: ["DmaBufWire", "DmaBuf"]),
+        .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf"]),
+        .testTarget(name: "DmaBufCLITests", dependencies: ["DmaBufCLI", "DmaBufWire"]),
     ]
 )

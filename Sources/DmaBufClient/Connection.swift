@@ -1,0 +1,234 @@
+import DmaBuf
+import DmaBufWire
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A refusal from dmabufd, or a failure talking to it.
+public struct DmaBufClientError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The daemon's refusal, when it sent one.
+    public var wire: WireError?
+    /// A local failure (connecting, a broken socket, a reply that made no sense).
+    public var local: String?
+
+    public init(wire: WireError) { self.wire = wire; self.local = nil }
+    public init(local: String) { self.wire = nil; self.local = local }
+
+    /// The errno the daemon named, if any.
+    public var errno: Errno? { wire.map { Errno(rawValue: $0.errno) } }
+
+    public var description: String {
+        if let wire { return "dmabufd: \(wire.message)" }
+        return "dmabufd: \(local ?? "unknown error")"
+    }
+}
+
+/// A buffer handed over by the daemon: its description and the dma-buf itself, which the caller now holds.
+public struct RemoteBuffer: Sendable {
+    public var info: BufferInfo
+    /// The dma-buf. Closed when the last copy of it goes; the daemon's own reference is separate.
+    public var buffer: DmaBuffer
+}
+
+/// A blocking connection to dmabufd. Not thread-safe: use one per thread, or ``DmaBufClient``.
+///
+/// Calls send one request and wait for its reply; events the daemon sends meanwhile are queued and read
+/// with ``nextEvent(timeout:)``.
+public final class DmaBufConnection {
+    /// The socket path used when none is given: `$DMABUFD_SOCKET`, else `/run/dmabufd/dmabufd.sock`.
+    public static var defaultSocketPath: String {
+        if let value = getenv("DMABUFD_SOCKET"), let path = String(validatingCString: value), !path.isEmpty { return path }
+        return "/run/dmabufd/dmabufd.sock"
+    }
+
+    /// The connected socket; closed when the connection goes away.
+    public let socket: SharedFD
+    /// What the daemon said in the handshake (negotiated version, limits, and who it thinks we are).
+    public private(set) var server: HelloReply
+    private var nextRequestID: UInt32 = 1
+    private var events: [Response] = []
+
+    /// Connects and performs the version handshake.
+    /// - Throws: ``DmaBufError`` when the socket cannot be reached; ``DmaBufClientError`` when the daemon refuses.
+    public init(path: String = DmaBufConnection.defaultSocketPath, clientName: String = "dmabuf-client") throws {
+        socket = try UnixSocket.connect(path: path, kind: .seqpacket).shared()
+        server = HelloReply(version: 0, server: "", maximumMessageSize: 0, maximumDescriptors: 0, pageSize: 0, uid: 0, gid: 0, pid: 0)
+        guard case .hello(let reply) = try call(.hello(Hello(client: clientName))).response else {
+            throw DmaBufClientError(local: "the daemon answered the handshake with something else")
+        }
+        server = reply
+    }
+
+    /// Wraps an already connected socket (e.g. one end of a socketpair) and performs the handshake.
+    public init(socket: SharedFD, clientName: String = "dmabuf-client") throws {
+        self.socket = socket
+        server = HelloReply(version: 0, server: "", maximumMessageSize: 0, maximumDescriptors: 0, pageSize: 0, uid: 0, gid: 0, pid: 0)
+        guard case .hello(let reply) = try call(.hello(Hello(client: clientName))).response else {
+            throw DmaBufClientError(local: "the daemon answered the handshake with something else")
+        }
+        server = reply
+    }
+
+    /// Sends `request` with `fds` (borrowed: they stay the caller's) and waits for its reply.
+    /// An error reply is thrown as ``DmaBufClientError``.
+    /// - Returns: the reply and any fds that came with it (owned by the returned `SharedFD`s).
+    public func call(_ request: Request, fds: [FileDescriptor] = []) throws -> (response: Response, fds: [SharedFD]) {
+        let id = nextRequestID
+        nextRequestID = nextRequestID == UInt32.max ? 1 : nextRequestID + 1
+        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(request, requestID: id, descriptors: fds.count), fds: fds)
+        while true {
+            let (header, response, received) = try receive(timeoutMilliseconds: -1)
+            if response.isEvent {
+                events.append(response)
+                continue
+            }
+            guard header.requestID == id else { continue }
+            if case .error(let error) = response { throw DmaBufClientError(wire: error) }
+            return (response, received)
+        }
+    }
+
+    private func receive(timeoutMilliseconds: CInt) throws -> (Header, Response, [SharedFD]) {
+        let message = try UnixSocket.receive(socket.descriptor, maxBytes: WireLimits.maximumMessageSize, maxFDs: WireLimits.maximumDescriptors)
+        if message.isEndOfStream { throw DmaBufClientError(local: "the daemon closed the connection") }
+        do {
+            let (header, response) = try WireMessage.decodeResponse(message.bytes, descriptors: message.fds.count)
+            return (header, response, message.fds)
+        } catch {
+            throw DmaBufClientError(local: "malformed reply from the daemon: \(error)")
+        }
+    }
+
+    /// Returns the next event (lease revoked or ended, buffer freed, fence signalled), waiting up to
+    /// `timeout` (nil: forever). Nil when none arrived in time.
+    public func nextEvent(timeout: Duration?) throws -> Response? {
+        if !events.isEmpty { return events.removeFirst() }
+        let deadline = timeout.map { ContinuousClock.now + $0 }
+        while true {
+            var wait: CInt = -1
+            if let deadline {
+                let left = deadline - ContinuousClock.now
+                if left <= .zero { return nil }
+                wait = CInt(clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1)
+            }
+            var fds = [pollfd(fd: socket.descriptor.rawValue, events: Int16(POLLIN), revents: 0)]
+            let ready = poll(&fds, 1, wait)
+            if ready < 0 && errno == EINTR { continue }
+            if ready <= 0 { if deadline == nil { continue } else { return nil } }
+            let (_, response, _) = try receive(timeoutMilliseconds: 0)
+            if response.isEvent { return response }
+        }
+    }
+
+    private func buffer(_ result: (response: Response, fds: [SharedFD])) throws -> RemoteBuffer {
+        guard case .buffer(let info) = result.response, let fd = result.fds.first else {
+            throw DmaBufClientError(local: "expected a buffer reply with its fd")
+        }
+        return RemoteBuffer(info: info, buffer: DmaBuffer(shared: fd))
+    }
+
+    private func expectOK(_ result: (response: Response, fds: [SharedFD])) throws {
+        guard case .ok = result.response else { throw DmaBufClientError(local: "expected an ok reply") }
+    }
+
+    // MARK: - Requests
+
+    /// The heaps the daemon serves and its policies (`any` and configured chains).
+    public func heaps() throws -> HeapsReply {
+        guard case .heaps(let reply) = try call(.listHeaps).response else { throw DmaBufClientError(local: "expected heaps") }
+        return reply
+    }
+
+    /// Allocates `size` bytes from `heap` (a heap or policy name). The caller holds the returned fd.
+    public func allocate(size: Int, heap: String = "any", tag: String = "", cpuAccess: CPUAccessHint = .readWrite) throws -> RemoteBuffer {
+        try buffer(call(.allocate(AllocateRequest(size: UInt64(size), heap: heap, tag: tag, cpuAccess: cpuAccess))))
+    }
+
+    /// Makes a udmabuf over a daemon-made memfd of `size` bytes (huge pages when `hugePages`).
+    public func createUDmabuf(size: Int, tag: String = "", hugePages: Bool = false) throws -> RemoteBuffer {
+        try buffer(call(.createUDmabuf(UDmabufRequest(size: UInt64(size), tag: tag, hugePages: hugePages))))
+    }
+
+    /// Makes a udmabuf over ranges of the caller's memfd (which stays the caller's).
+    public func createUDmabuf(memfd: Memfd, ranges: [ByteRange], tag: String = "") throws -> RemoteBuffer {
+        try buffer(call(.createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: ranges, tag: tag)), fds: [memfd.fd.descriptor]))
+    }
+
+    /// Hands the daemon a reference to a dma-buf made elsewhere, so it is named and accounted.
+    public func importBuffer(_ buffer: DmaBuffer, tag: String = "") throws -> BufferInfo {
+        let result = try call(.importBuffer(tag: tag), fds: [buffer.fd.descriptor])
+        guard case .buffer(let info) = result.response else { throw DmaBufClientError(local: "expected a buffer reply") }
+        return info
+    }
+
+    /// Lets `uid` fetch the buffer, and/or mints a one-time token. Returns the token when asked for.
+    @discardableResult
+    public func share(_ buffer: BufferID, uid: UInt32? = nil, oneTimeToken: Bool = false) throws -> UInt64? {
+        guard case .share(let reply) = try call(.share(ShareRequest(buffer: buffer, uid: uid, oneTimeToken: oneTimeToken))).response else {
+            throw DmaBufClientError(local: "expected a share reply")
+        }
+        return reply.token
+    }
+
+    /// Fetches a buffer shared with this uid, or with a one-time `token`.
+    public func fetch(_ buffer: BufferID, token: UInt64 = 0) throws -> RemoteBuffer {
+        try self.buffer(call(.fetch(FetchRequest(buffer: buffer, token: token))))
+    }
+
+    /// Drops this client's hold on a buffer. Fds already handed out keep the memory alive in the kernel.
+    public func release(_ buffer: BufferID) throws {
+        try expectOK(call(.release(buffer)))
+    }
+
+    /// This client's buffers; every buffer for root when `all`.
+    public func list(all: Bool = false) throws -> [BufferInfo] {
+        guard case .list(let items) = try call(.list(all: all)).response else { throw DmaBufClientError(local: "expected a list") }
+        return items
+    }
+
+    /// One buffer's description.
+    public func info(_ buffer: BufferID) throws -> BufferInfo {
+        guard case .buffer(let info) = try call(.info(buffer)).response else { throw DmaBufClientError(local: "expected a buffer") }
+        return info
+    }
+
+    /// Per-heap and per-client accounting.
+    public func stats() throws -> Stats {
+        guard case .stats(let stats) = try call(.stats).response else { throw DmaBufClientError(local: "expected stats") }
+        return stats
+    }
+
+    /// Publishes the page runs of pages `[firstPage, firstPage + pageCount)` (0: to the end) under a new lease.
+    public func layout(_ buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, physical: Bool = false) throws -> Layout {
+        guard case .layout(let layout) = try call(.layout(LayoutRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, physical: physical))).response else {
+            throw DmaBufClientError(local: "expected a layout")
+        }
+        return layout
+    }
+
+    /// Ends a lease once `fence` (if any) signals.
+    public func releaseLease(_ lease: LeaseID, fence: SyncFile? = nil) throws {
+        try expectOK(call(.releaseLease(lease), fds: fence.map { [$0.fd.descriptor] } ?? []))
+    }
+
+    /// Attaches `fence` to pages of a buffer: others accessing overlapping pages wait for it.
+    public func attachFence(_ fence: SyncFile, buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, access: AccessMode) throws {
+        try expectOK(call(.attachFence(FenceAttachRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access)),
+                          fds: [fence.fd.descriptor]))
+    }
+
+    /// Asks to access pages; returns the merged sync_file to wait for, or nil when nothing conflicts.
+    public func beginAccess(buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, access: AccessMode) throws -> (fences: Int, syncFile: SyncFile?) {
+        let result = try call(.beginAccess(AccessRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access)))
+        guard case .access(let reply) = result.response else { throw DmaBufClientError(local: "expected an access reply") }
+        return (Int(reply.fences), result.fds.first.map { SyncFile(shared: $0) })
+    }
+
+    /// Revokes a buffer: holders are told, get `deadline` to release, then the buffer is freed after their fences.
+    public func revoke(_ buffer: BufferID, deadline: Duration? = nil) throws {
+        let ms = deadline.map { UInt32(clamping: $0.components.seconds * 1000 + $0.components.attoseconds / 1_000_000_000_000_000) } ?? 0
+        try expectOK(call(.revoke(RevokeRequest(buffer: buffer, deadlineMilliseconds: ms))))
+    }
+}

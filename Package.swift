@@ -39,7 +39,7 @@ let package = Package(
         .target(
             name: "DmaBufDaemon",
             dependencies: [
-                "DmaBuf", "DmaBufWire", "CUdev", "CSystemd",
+                "DmaBuf", "DmaBufWire", "CDmaBuf", "CUdev", "CSystemd",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]

@@ -1,0 +1,77 @@
+import DmaBuf
+import DmaBufWire
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Maps the names clients use to the kernel's heaps, and policies to fallback chains.
+///
+/// Logical names: `system`, `system-uncached`, `cma` (whichever of `linux,cma`, `reserved`,
+/// `default_cma_region` exists; every CMA region is also reachable as `cma:<kernel name>`), `udmabuf`
+/// (memfd-backed, via `/dev/udmabuf`), and any other heap by its kernel name.
+public struct HeapResolver: Sendable {
+    /// One allocatable target.
+    public enum Target: Sendable, Equatable {
+        case heap(kernelName: String)
+        case udmabuf
+    }
+
+    public private(set) var heaps: [HeapInfo] = []
+    private var targets: [String: Target] = [:]
+    public let policies: [String: [String]]
+    let heapDirectory: String
+    let udmabufDevice: String
+
+    static let cmaAliases = ["linux,cma", "reserved", "default_cma_region"]
+
+    public init(policies: [String: [String]], heapDirectory: String, udmabufDevice: String) {
+        self.policies = policies
+        self.heapDirectory = heapDirectory
+        self.udmabufDevice = udmabufDevice
+        rescan()
+    }
+
+    /// Re-reads the heap directory and the udmabuf node. Returns true when something changed.
+    @discardableResult
+    public mutating func rescan() -> Bool {
+        var heaps: [HeapInfo] = []
+        var targets: [String: Target] = [:]
+        let names = DmaHeap.available(in: heapDirectory)
+        for name in names {
+            let kind: String
+            if name == "system" { kind = "system" }
+            else if name == "system-uncached" || name == "system_uncached" { kind = "system-uncached" }
+            else if HeapResolver.cmaAliases.contains(name) || name.contains("cma") { kind = "cma" }
+            else { kind = "other" }
+            let logical = kind == "cma" ? "cma:\(name)" : (kind == "system-uncached" ? "system-uncached" : name)
+            heaps.append(HeapInfo(name: logical, device: "\(heapDirectory)/\(name)", kind: kind))
+            targets[logical] = .heap(kernelName: name)
+            targets[name] = .heap(kernelName: name)
+        }
+        if let cma = HeapResolver.cmaAliases.first(where: names.contains) ?? names.first(where: { $0.contains("cma") }) {
+            heaps.append(HeapInfo(name: "cma", device: "\(heapDirectory)/\(cma)", kind: "cma"))
+            targets["cma"] = .heap(kernelName: cma)
+        }
+        if access(udmabufDevice, R_OK | W_OK) == 0 {
+            heaps.append(HeapInfo(name: "udmabuf", device: udmabufDevice, kind: "udmabuf"))
+            targets["udmabuf"] = .udmabuf
+        }
+        let changed = heaps != self.heaps
+        self.heaps = heaps
+        self.targets = targets
+        return changed
+    }
+
+    /// The targets to try, in order, for a heap or policy name. Missing heaps are left out; an empty
+    /// result means nothing by that name exists now.
+    public func chain(for name: String) -> [(logical: String, target: Target)] {
+        if let chain = policies[name] {
+            return chain.compactMap { logical in targets[logical].map { (logical, $0) } }
+        }
+        return targets[name].map { [(name, $0)] } ?? []
+    }
+
+    /// True when `name` is a policy rather than a heap.
+    public func isPolicy(_ name: String) -> Bool { policies[name] != nil }
+}

@@ -1,1 +1,87 @@
-print("dmabufd")
+import ArgumentParser
+import DmaBufDaemon
+import Logging
+import ServiceLifecycle
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// dmabufd: the privileged dma-buf broker. Thin: parses options and config, then runs the services.
+@main
+struct DmabufdCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dmabufd",
+        abstract: "Broker dma-buf heaps and udmabuf to unprivileged clients over a Unix socket.",
+        discussion: """
+            Reads its configuration from --config (default /etc/dmabufd/dmabufd.conf; a missing default file \
+            means built-in defaults). Listens on the socket systemd passes (socket activation) or binds the \
+            configured path. Stops gracefully on SIGTERM or SIGINT.
+
+            Examples:
+              dmabufd --config /etc/dmabufd/dmabufd.conf
+              dmabufd --socket /tmp/dmabufd.sock --log-level debug
+              dmabufd --check-config --config ./dmabufd.conf
+            """)
+
+    @Option(help: "Configuration file.")
+    var config: String?
+
+    @Option(help: "Listen here instead of the configured socket path.")
+    var socket: String?
+
+    @Option(help: "trace, debug, info, notice, warning, error or critical (overrides log_level).")
+    var logLevel: String?
+
+    @Flag(help: "Validate the configuration, print it, and exit.")
+    var checkConfig = false
+
+    func run() async throws {
+        var settings = DaemonConfig()
+        let path = config ?? "/etc/dmabufd/dmabufd.conf"
+        if let text = readFile(path) {
+            do {
+                settings = try DaemonConfig(parsing: text)
+            } catch {
+                throw ValidationError("\(path): \(error)")
+            }
+        } else if config != nil {
+            throw ValidationError("cannot read configuration file \(path)")
+        }
+        if let socket { settings.socketPath = socket }
+        if let logLevel { settings.logLevel = logLevel }
+        guard let level = Logger.Level(rawValue: settings.logLevel) else {
+            throw ValidationError("unknown log level '\(settings.logLevel)'")
+        }
+        if checkConfig {
+            print("configuration ok: socket \(settings.socketPath), max_buffer_size \(settings.maxBufferSize), policies \(settings.policies.keys.sorted())")
+            return
+        }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "dmabufd")
+        let broker = try BrokerService(config: settings, logger: logger)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: broker)]
+        if let interval = Systemd.watchdogInterval() {
+            services.append(.init(service: broker.watchdog(interval: interval), successTerminationBehavior: .ignore))
+        }
+        let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+    }
+
+    func readFile(_ path: String) -> String? {
+        guard let f = fopen(path, "r") else { return nil }
+        defer { fclose(f) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = fread(&chunk, 1, chunk.count, f)
+            if n == 0 { break }
+            bytes += chunk[0..<n]
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}

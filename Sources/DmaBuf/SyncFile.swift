@@ -154,7 +154,10 @@ public struct SyncFile: Sendable {
         if case .failure(let errno) = result {
             throw DmaBufError(
                 "sync_file", errno, "SYNC_IOC_MERGE of fd \(fd.descriptor.rawValue) and fd \(other.fd.descriptor.rawValue) failed",
-                fix: errno == .invalidArgument || errno == .badFileDescriptor ? "both fds must be sync_files" : nil)
+                // The kernel answers ENOENT when the second fd is not a sync_file (or not open), ENOTTY when
+                // the first is not one.
+                fix: [.noSuchFileOrDirectory, .inappropriateIOCTLForDevice, .invalidArgument, .badFileDescriptor].contains(errno)
+                    ? "both fds must be sync_files" : nil)
         }
         return SyncFile(adopting: UniqueFD(adopting: data.fence))
     }

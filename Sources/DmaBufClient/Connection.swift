@@ -158,9 +158,7 @@ public final class DmaBufConnection {
 
     /// Hands the daemon a reference to a dma-buf made elsewhere, so it is named and accounted.
     public func importBuffer(_ buffer: DmaBuffer, tag: String = "") throws -> BufferInfo {
-        let result = try call(.importBuffer(tag: tag), fds: [buffer.fd.descriptor])
-        guard case .buffer(let info) = result.response else { throw DmaBufClientError(local: "expected a buffer reply") }
-        return info
+        try self.buffer(call(.importBuffer(tag: tag), fds: [buffer.fd.descriptor])).info
     }
 
     /// Lets `uid` fetch the buffer, and/or mints a one-time token. Returns the token when asked for.

@@ -92,7 +92,8 @@ extension Broker {
             }
             try admit(session, size: UInt64(try buffer.size()))
             let record = try register(buffer, session: session, heap: "import", tag: tag, memfd: nil, memfdRuns: nil, rename: false)
-            return (.buffer(info(record)), [])
+            // Every buffer reply carries the buffer, so a client can drop its own fd and keep the daemon's.
+            return (.buffer(info(record)), [record.buffer.fd])
 
         case .share(let s):
             let record = try owned(s.buffer, by: session)

@@ -86,9 +86,15 @@ public struct Memfd: Sendable {
         Int(try Sys.fstat(fd.descriptor).get(or: "memfd", "fstat failed").st_size)
     }
 
-    /// Maps `length` bytes at `offset` shared and writable. Unmapped when the result goes away.
-    public func map(offset: Int = 0, length: Int) throws -> Mapping {
-        let base = try Sys.mmap(fd.descriptor, length: length, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, offset: Int64(offset))
+    /// Maps `length` bytes at `offset` shared (`MAP_SHARED`). Unmapped when the result goes away.
+    /// - Parameters:
+    ///   - writable: `PROT_WRITE` as well as `PROT_READ`.
+    ///   - reserve: false adds `MAP_NORESERVE`, so mapping hugetlb pages that already exist does not
+    ///     reserve more huge pages (reading PFNs of a pinned memfd).
+    public func map(offset: Int = 0, length: Int, writable: Bool = true, reserve: Bool = true) throws -> Mapping {
+        let protection = writable ? PROT_READ | PROT_WRITE : PROT_READ
+        let flags = reserve ? MAP_SHARED : MAP_SHARED | MAP_NORESERVE
+        let base = try Sys.mmap(fd.descriptor, length: length, protection: protection, flags: flags, offset: Int64(offset))
             .get(or: "memfd", "mmap of \(ByteCount(length)) failed")
         return Mapping(base: base, count: length)
     }

@@ -34,7 +34,9 @@ extension Broker {
                                 message: "buffer \(record.id) comes from a heap: its mappings are VM_PFNMAP, so no PFNs are visible to userspace (EOPNOTSUPP); use a udmabuf to see physical runs")
             }
             if record.physicalRuns == nil {
-                let mapping = try memfd.map(length: Int(try memfd.size()))
+                // Read-only and MAP_NORESERVE: the pages are already pinned by udmabuf, and a hugetlb
+                // mapping would otherwise try to reserve a second set of huge pages.
+                let mapping = try memfd.map(length: Int(try memfd.size()), writable: false, reserve: false)
                 let all = try PageRuns(physicalPagesOf: UnsafeRawBufferPointer(mapping.bytes))
                 // The memfd's page runs say which memfd pages make up the buffer, in order.
                 var physical = PageRuns()
@@ -140,7 +142,7 @@ extension Broker {
         record.generation += 1
         let ms = UInt32(clamping: deadline.components.seconds * 1000 + deadline.components.attoseconds / 1_000_000_000_000_000)
         logger.info("revoking", metadata: ["id": "\(record.id)", "leases": "\(record.leases.count)", "deadline_ms": "\(ms)"])
-        if let owner = record.ownerSession.flatMap({ sessionsByID[$0] }) { owner.owned.remove(record.id) }
+        // The owner keeps the id in its `owned` set until the buffer is freed, so it hears `bufferFreed`.
         record.ownerSession = nil
         for leaseID in record.leases {
             guard let lease = leases[leaseID] else { continue }

@@ -172,9 +172,12 @@ dmabufd_kernel_fetch() {
         -o "APT::Architectures::=amd64"
         -o "Acquire::Languages=none"
     )
+    # The cache usually lives under a home directory that the unprivileged
+    # _apt user cannot enter; apt would fall back (with a warning) anyway.
+    if [[ $EUID -eq 0 ]]; then opts+=(-o "APT::Sandbox::User=root"); fi
 
     dmabufd_kernel_log "updating package lists for $DMABUFD_KERNEL_SUITE from $mirror"
-    apt-get -q "${opts[@]}" update >&2 ||
+    apt-get -qq "${opts[@]}" update >&2 ||
         dmabufd_kernel_die "apt-get update for $DMABUFD_KERNEL_SUITE failed" || return 1
 
     # linux-image-6.12.N+debXX-amd64-unsigned (or the older +bpo naming);
@@ -199,7 +202,7 @@ dmabufd_kernel_fetch() {
     else
         dmabufd_kernel_log "downloading $pkg $ver"
         rm -f "$apt/debs/"*.deb
-        (cd "$apt/debs" && apt-get -q "${opts[@]}" -o APT::Sandbox::User=root download "$pkg" >&2) ||
+        (cd "$apt/debs" && apt-get -qq "${opts[@]}" download "$pkg" >&2) ||
             dmabufd_kernel_die "apt-get download $pkg failed" || return 1
         deb=$(find "$apt/debs" -maxdepth 1 -name '*.deb' -print -quit)
         [[ -n $deb ]] || dmabufd_kernel_die "downloaded .deb not found" || return 1

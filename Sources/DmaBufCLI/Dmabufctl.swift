@@ -79,7 +79,12 @@ public struct Dmabufctl: ParsableCommand {
                 return ExitStatus.success.rawValue
             }
             if !message.isEmpty { console.err(message) }
-            return code.rawValue == ExitCode.validationFailure.rawValue ? ExitStatus.usage.rawValue : code.rawValue
+            guard code.rawValue == ExitCode.validationFailure.rawValue else { return code.rawValue }
+            // ArgumentParser reads `-4K` as options and then reports the size as missing; say why.
+            if let negative = arguments.prefix(while: { $0 != "--" }).first(where: { $0.count > 1 && $0.hasPrefix("-") && $0.dropFirst().first!.isNumber }) {
+                console.err("note: '\(negative)' looks like a negative number: sizes, ids, pages and durations cannot be negative")
+            }
+            return ExitStatus.usage.rawValue
         }
     }
 }

@@ -61,6 +61,8 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "dmabufctl", dependencies: ["DmaBufCLI"]),
+        // The README's demo: two client processes exchange a buffer through dmabufd.
+        .executableTarget(name: "dmabuf-demo", dependencies: ["DmaBuf", "DmaBufClient", "DmaBufWire"], path: "Examples/Demo"),
         // Device tests: run on real dma-heap/udmabuf/vgem (in scripts/vm), skip with a reason elsewhere.
         .executableTarget(
             name: "dmabuf-device-tests",

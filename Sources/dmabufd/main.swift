@@ -57,6 +57,8 @@ struct DmabufdCommand: AsyncParsableCommand {
             print("configuration ok: socket \(settings.socketPath), max_buffer_size \(settings.maxBufferSize), policies \(settings.policies.keys.sorted())")
             return
         }
+        // A client that vanishes mid-reply must cost an EPIPE, never the daemon.
+        signal(SIGPIPE, SIG_IGN)
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level

@@ -15,7 +15,7 @@ import Glibc
 /// waited on as readiness events.
 public final class Broker: @unchecked Sendable {
     let loop: EventLoop
-    let config: DaemonConfig
+    var config: DaemonConfig
     let logger: Logger
     var resolver: HeapResolver
 

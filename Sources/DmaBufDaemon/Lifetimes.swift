@@ -162,6 +162,37 @@ extension Broker {
         maybeFree(record)
     }
 
+    // MARK: Reload
+
+    /// Applies a re-read configuration (SIGHUP). Quotas, policies, physical-address rights, bounds and the
+    /// revocation deadline take effect at once; a uid now over its quota has its newest buffers revoked
+    /// until it fits. The socket and device paths need a restart.
+    public func reload(_ new: DaemonConfig) {
+        if new.socketPath != config.socketPath || new.heapDirectory != config.heapDirectory || new.udmabufDevice != config.udmabufDevice {
+            logger.notice("socket and device paths change only on restart")
+        }
+        var applied = new
+        applied.socketPath = config.socketPath
+        applied.heapDirectory = config.heapDirectory
+        applied.udmabufDevice = config.udmabufDevice
+        config = applied
+        resolver = HeapResolver(policies: applied.policies, heapDirectory: applied.heapDirectory, udmabufDevice: applied.udmabufDevice)
+        var revoked = 0
+        for (uid, used) in usage {
+            let quota = config.quota(for: uid)
+            var bytes = used.bytes, count = used.buffers
+            guard bytes > quota.bytes || count > quota.buffers else { continue }
+            let live = buffers.values.filter { $0.ownerUID == uid && !$0.revoked && !$0.draining }.sorted { $0.id > $1.id }
+            for record in live where bytes > quota.bytes || count > quota.buffers {
+                revoke(record, deadline: config.revokeDeadline)
+                bytes -= min(bytes, record.size)
+                count -= min(count, 1)
+                revoked += 1
+            }
+        }
+        logger.info("configuration reloaded", metadata: ["revoked_over_quota": "\(revoked)"])
+    }
+
     // MARK: fd store
 
     /// Hands every buffer to systemd's fd store with its metadata in the state directory, so a restarted

@@ -28,6 +28,12 @@ public struct BrokerService: Service {
         }
     }
 
+    /// Applies `config` on the loop thread (after SIGHUP).
+    public func reload(_ config: DaemonConfig) {
+        let broker = self.broker
+        loop.execute { broker.reload(config) }
+    }
+
     /// A watchdog that pings through this broker's loop.
     public func watchdog(interval: Duration) -> WatchdogService {
         WatchdogService(interval: interval, loop: loop, broker: broker)

@@ -2,6 +2,7 @@ import ArgumentParser
 import DmaBufDaemon
 import Logging
 import ServiceLifecycle
+import UnixSignals
 
 #if canImport(Glibc)
 import Glibc
@@ -39,7 +40,7 @@ struct DmabufdCommand: AsyncParsableCommand {
     func run() async throws {
         var settings = DaemonConfig()
         let path = config ?? "/etc/dmabufd/dmabufd.conf"
-        if let text = readFile(path) {
+        if let text = Self.readFile(path) {
             do {
                 settings = try DaemonConfig(parsing: text)
             } catch {
@@ -66,7 +67,10 @@ struct DmabufdCommand: AsyncParsableCommand {
         }
         let logger = Logger(label: "dmabufd")
         let broker = try BrokerService(config: settings, logger: logger)
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: broker)]
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+            .init(service: broker),
+            .init(service: ReloadService(path: path, overrides: self, broker: broker, logger: logger), successTerminationBehavior: .ignore),
+        ]
         if let interval = Systemd.watchdogInterval() {
             services.append(.init(service: broker.watchdog(interval: interval), successTerminationBehavior: .ignore))
         }
@@ -74,7 +78,7 @@ struct DmabufdCommand: AsyncParsableCommand {
         try await group.run()
     }
 
-    func readFile(_ path: String) -> String? {
+    static func readFile(_ path: String) -> String? {
         guard let f = fopen(path, "r") else { return nil }
         defer { fclose(f) }
         var bytes: [UInt8] = []
@@ -85,5 +89,38 @@ struct DmabufdCommand: AsyncParsableCommand {
             bytes += chunk[0..<n]
         }
         return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+/// Re-reads the configuration on SIGHUP and hands it to the broker. A bad file is logged and ignored:
+/// the running configuration stays.
+struct ReloadService: Service {
+    let path: String
+    let socketOverride: String?
+    let broker: BrokerService
+    let logger: Logger
+
+    init(path: String, overrides: DmabufdCommand, broker: BrokerService, logger: Logger) {
+        self.path = path
+        self.socketOverride = overrides.socket
+        self.broker = broker
+        self.logger = logger
+    }
+
+    func run() async throws {
+        let signals = await UnixSignalsSequence(trapping: .sighup)
+        for await _ in signals.cancelOnGracefulShutdown() {
+            guard let text = DmabufdCommand.readFile(path) else {
+                logger.error("reload: cannot read \(path); keeping the running configuration")
+                continue
+            }
+            do {
+                var config = try DaemonConfig(parsing: text)
+                if let socketOverride { config.socketPath = socketOverride }
+                broker.reload(config)
+            } catch {
+                logger.error("reload: \(path): \(error); keeping the running configuration")
+            }
+        }
     }
 }

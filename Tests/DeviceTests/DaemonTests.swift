@@ -370,6 +370,32 @@ enum DaemonTests {
                 }
             }
         },
+        DeviceTest("daemon.reload-lower-quota-revokes-newest", requires: system) {
+            try withDaemon(config: "quota.uid.65534.bytes = 4M") { daemon in
+                let nobody = try Agent(uid: 65534)
+                try nobody.ok("connect \(daemon.socketPath)")
+                let ids = try (0..<3).map { _ in BufferID(try nobody.ok("alloc \(1 << 20)")[0])! }
+                let text = Harness.readFile(daemon.directory + "/dmabufd.conf")! + "\nquota.uid.65534.bytes = 1M\n"
+                Harness.writeFileCreating(daemon.directory + "/dmabufd.conf", text)
+                kill(daemon.pid, SIGHUP)
+                let root = try daemon.connect()
+                try eventually(.seconds(5), "the two newest buffers to be revoked") {
+                    let revoked = try root.list(all: true).filter { $0.ownerUID == 65534 && $0.revoked }.map(\.id)
+                    return Set(revoked) == Set(ids[1...])
+                }
+                try expect(daemon.isRunning, "dmabufd survived SIGHUP")
+            }
+        },
+        DeviceTest("daemon.reload-bad-config-keeps-running", requires: system) {
+            try withDaemon { daemon in
+                Harness.writeFileCreating(daemon.directory + "/dmabufd.conf", "socket_mode = 0666\nbogus_key = 1\n")
+                kill(daemon.pid, SIGHUP)
+                usleep(300_000)
+                try expect(daemon.isRunning, "dmabufd survived a bad reload")
+                try expectStillServing(daemon)
+                try expect(daemon.logTail().contains("bogus_key"), "the log names the bad key")
+            }
+        },
         DeviceTest("daemon.sigterm-exits-cleanly-with-clients", requires: system) {
             let daemon = try TestDaemon()
             let connection = try daemon.connect()

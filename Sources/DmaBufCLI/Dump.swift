@@ -79,6 +79,10 @@ public struct FdUsage: Codable, Sendable, Equatable {
     public var name: String
     /// File references to the buffer system-wide (fdinfo `count`).
     public var count: Int
+
+    public init(fd: Int32, inode: UInt64, size: UInt64, exporter: String, name: String, count: Int) {
+        self.fd = fd; self.inode = inode; self.size = size; self.exporter = exporter; self.name = name; self.count = count
+    }
 }
 
 /// A dma-buf mapping in a process's address space.
@@ -93,6 +97,10 @@ public struct MappingUsage: Codable, Sendable, Equatable {
     /// kernel does not count in Rss, so 0 is common: `size` is what is mapped.
     public var rssKiB: UInt64?
     public var pssKiB: UInt64?
+
+    public init(range: String, inode: UInt64, size: UInt64, name: String, rssKiB: UInt64?, pssKiB: UInt64?) {
+        self.range = range; self.inode = inode; self.size = size; self.name = name; self.rssKiB = rssKiB; self.pssKiB = pssKiB
+    }
 }
 
 /// One process that holds or maps dma-bufs.
@@ -115,6 +123,8 @@ public struct ProcessUsage: Codable, Sendable, Equatable {
 public struct Holder: Codable, Sendable, Equatable {
     public var pid: Int32
     public var fds: Int
+
+    public init(pid: Int32, fds: Int) { self.pid = pid; self.fds = fds }
 }
 
 /// One dma-buf, system-wide.
@@ -135,6 +145,8 @@ public struct BufferUsage: Codable, Sendable, Equatable {
 public struct UnreadableProcess: Codable, Sendable, Equatable {
     public var pid: Int32
     public var name: String
+
+    public init(pid: Int32, name: String) { self.pid = pid; self.name = name }
 }
 
 /// Everything `dump` found. JSON keys as named here.
@@ -144,6 +156,10 @@ public struct DumpReport: Codable, Sendable, Equatable {
     /// Bytes of all distinct buffers found.
     public var totalBytes: UInt64
     public var unreadable: [UnreadableProcess]
+
+    public init(processes: [ProcessUsage], buffers: [BufferUsage], totalBytes: UInt64, unreadable: [UnreadableProcess]) {
+        self.processes = processes; self.buffers = buffers; self.totalBytes = totalBytes; self.unreadable = unreadable
+    }
 }
 
 /// Walks `/proc` and builds a ``DumpReport``.

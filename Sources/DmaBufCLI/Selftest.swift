@@ -289,11 +289,17 @@ public struct SelftestCommand: ParsableCommand {
               sudo dmabufctl selftest | grep -v ^PASS
             """)
 
+    @Option(help: .hidden)
+    public var heapDirectory = DmaHeap.defaultDirectory
+
+    @Option(help: .hidden)
+    public var udmabufDevice = UDmabuf.defaultDevicePath
+
     public init() {}
 
     public func run() throws {
         let console = Console.current
-        let results = Selftest().run { console.out($0.description) }
+        let results = Selftest(heapDirectory: heapDirectory, udmabufPath: udmabufDevice).run { console.out($0.description) }
         let failed = results.filter { $0.status == .fail }.count
         let passed = results.filter { $0.status == .pass }.count
         console.out("selftest: \(passed) passed, \(failed) failed, \(results.count - passed - failed) skipped")

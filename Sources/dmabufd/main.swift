@@ -54,22 +54,26 @@ struct DmabufdCommand: AsyncParsableCommand {
         guard let level = Logger.Level(rawValue: settings.logLevel) else {
             throw ValidationError("unknown log level '\(settings.logLevel)'")
         }
+        // A client that vanishes mid-reply must cost an EPIPE, never the daemon. SIGHUP is ignored until
+        // the reload service traps it, so an early one cannot kill a daemon that is already listening.
+        signal(SIGPIPE, SIG_IGN)
+        signal(SIGHUP, SIG_IGN)
         if checkConfig {
             print("configuration ok: socket \(settings.socketPath), max_buffer_size \(settings.maxBufferSize), policies \(settings.policies.keys.sorted())")
             return
         }
-        // A client that vanishes mid-reply must cost an EPIPE, never the daemon.
-        signal(SIGPIPE, SIG_IGN)
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }
         let logger = Logger(label: "dmabufd")
+        // Trap SIGHUP before listening: once a client can connect, a reload request must be honoured.
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
         let broker = try BrokerService(config: settings, logger: logger)
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
             .init(service: broker),
-            .init(service: ReloadService(path: path, overrides: self, broker: broker, logger: logger), successTerminationBehavior: .ignore),
+            .init(service: ReloadService(path: path, socketOverride: socket, signals: hangups, broker: broker, logger: logger), successTerminationBehavior: .ignore),
         ]
         if let interval = Systemd.watchdogInterval() {
             services.append(.init(service: broker.watchdog(interval: interval), successTerminationBehavior: .ignore))
@@ -97,18 +101,11 @@ struct DmabufdCommand: AsyncParsableCommand {
 struct ReloadService: Service {
     let path: String
     let socketOverride: String?
+    let signals: UnixSignalsSequence
     let broker: BrokerService
     let logger: Logger
 
-    init(path: String, overrides: DmabufdCommand, broker: BrokerService, logger: Logger) {
-        self.path = path
-        self.socketOverride = overrides.socket
-        self.broker = broker
-        self.logger = logger
-    }
-
     func run() async throws {
-        let signals = await UnixSignalsSequence(trapping: .sighup)
         for await _ in signals.cancelOnGracefulShutdown() {
             guard let text = DmabufdCommand.readFile(path) else {
                 logger.error("reload: cannot read \(path); keeping the running configuration")

@@ -65,9 +65,15 @@ final class TestDaemon {
         return Harness.wait(pid)
     }
 
-    /// True while the process runs.
+    /// True while the process runs (a zombie counts as exited, and is reaped).
     var isRunning: Bool {
-        !stopped && kill(pid, 0) == 0
+        guard !stopped else { return false }
+        var status: Int32 = 0
+        if waitpid(pid, &status, WNOHANG) == pid {
+            stopped = true
+            return false
+        }
+        return true
     }
 
     func logTail() -> String {

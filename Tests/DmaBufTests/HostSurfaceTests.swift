@@ -134,14 +134,15 @@ import Glibc
         try fence.wait(timeout: nil)
     }
 
-    @Test func waitSeesASignalDuringTheWait() async throws {
+    @Test func waitSeesASignalDuringTheWait() throws {
         let (fence, writer) = try pipeFence()
-        let signaller = Task.detached {
-            try await Task.sleep(for: .milliseconds(50))
+        // A plain thread, not a task: wait() blocks its thread, and tasks share a small pool with other tests.
+        let signaller = try PlainThread {
+            usleep(50_000)
             _ = write(writer.descriptor.rawValue, "x", 1)
         }
+        defer { signaller.join() }
         try fence.wait(timeout: .seconds(10))
-        try await signaller.value
     }
 
     @Test func infoOnANonSyncFileIsENOTTY() throws {

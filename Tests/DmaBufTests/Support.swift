@@ -72,3 +72,36 @@ func inode(of fd: FileDescriptor) throws -> UInt64 {
 func openShared(_ path: String, _ mode: FileDescriptor.AccessMode = .readWrite) throws -> SharedFD {
     SharedFD(adopting: try FileDescriptor.open(path, mode, options: [.closeOnExec]))
 }
+
+/// A POSIX thread running `body`, outside Swift concurrency's shared pool; `join()` waits for it.
+final class PlainThread {
+    private var thread = pthread_t()
+    private var joined = false
+
+    init(_ body: @escaping @Sendable () -> Void) throws {
+        let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+        let rc = pthread_create(&thread, nil, runThreadBody, context)
+        if rc != 0 {
+            Unmanaged<ThreadBody>.fromOpaque(context).release()
+            throw Errno(rawValue: rc)
+        }
+    }
+
+    func join() {
+        guard !joined else { return }
+        joined = true
+        pthread_join(thread, nil)
+    }
+
+    deinit { join() }
+}
+
+private final class ThreadBody {
+    let run: @Sendable () -> Void
+    init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+}
+
+private func runThreadBody(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    Unmanaged<ThreadBody>.fromOpaque(context!).takeRetainedValue().run()
+    return nil
+}

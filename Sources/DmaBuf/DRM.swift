@@ -102,7 +102,8 @@ public struct DRMDevice: ~Copyable, Sendable {
     }
 
     /// vgem: signals a fence made by ``vgemAttachFence(_:write:)`` (`DRM_IOCTL_VGEM_FENCE_SIGNAL`).
-    /// - Throws: ``DmaBufError`` ETIMEDOUT when vgem already signalled it on its own (after ~10 s).
+    /// - Throws: ``DmaBufError`` ETIMEDOUT when vgem already signalled it on its own (after ~10 s), ENOENT when
+    ///   it was already signalled through this call (the id is gone).
     public func vgemSignalFence(_ fence: UInt32) throws {
         var request = CDmaBuf_vgem_fence_signal(fence: fence, flags: 0)
         try check(drmIoctl(device.descriptor.rawValue, CDmaBuf_DRM_IOCTL_VGEM_FENCE_SIGNAL, &request), "DRM_IOCTL_VGEM_FENCE_SIGNAL")

@@ -15,7 +15,8 @@ public struct FdInfo: Sendable, Hashable {
     /// `count`: file references to the dma-buf, procfs's own temporary one excluded. More than the holder's
     /// own references means someone else (another process, a device import) still holds it.
     public var count: Int?
-    /// `exp_name`: the exporter (`system`, `udmabuf`, `vgem`...). Present only for dma-bufs.
+    /// `exp_name`: the exporter's module (`system` for the system heap, `udmabuf`, `drm` for any GEM driver's
+    /// PRIME export, vgem included). Present only for dma-bufs.
     public var exporter: String?
     /// `name`: the name set with `DMA_BUF_SET_NAME`, when set.
     public var name: String?

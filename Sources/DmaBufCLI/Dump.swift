@@ -141,7 +141,7 @@ public struct BufferUsage: Codable, Sendable, Equatable {
     public var mappers: [Int32]
 }
 
-/// A process whose fds or maps could not be read (not permitted).
+/// A process whose fds or maps could not be read (not permitted). Kernel threads are left out.
 public struct UnreadableProcess: Codable, Sendable, Equatable {
     public var pid: Int32
     public var name: String
@@ -238,7 +238,12 @@ public struct DumpCollector {
             denied = true
         } catch {}
 
-        if fds.isEmpty && mappings.isEmpty { return denied ? .denied(name) : nil }
+        if fds.isEmpty && mappings.isEmpty {
+            // Kernel threads (and zombies) have an empty cmdline and no files or memory of their own:
+            // not being allowed to look at them hides nothing.
+            guard denied, let cmdline = try? source.contents(base + "/cmdline"), !cmdline.isEmpty else { return nil }
+            return .denied(name)
+        }
         var seen = Set<UInt64>()
         let fdBytes = fds.reduce(UInt64(0)) { total, fd in seen.insert(fd.inode).inserted ? total + fd.size : total }
         return .found(ProcessUsage(

@@ -138,14 +138,20 @@ struct FakeProc: ProcSource {
 
     /// Two processes share buffer 12345 (camera holds it twice and maps it; the compositor holds and maps it
     /// without smaps access); the compositor maps 555 without an fd; pid 3 has no dma-bufs; pid 4 is
-    /// someone else's; pid 5 is a kernel thread; "self" and non-pids are ignored.
+    /// someone else's; pid 5 is a kernel thread, pid 6 one we may not read; "self" and non-pids are ignored.
     static func sample() -> FakeProc {
         var proc = FakeProc()
-        proc.directories["/proc"] = ["1", "812", "900", "3", "4", "5", "self", "meminfo"]
+        proc.directories["/proc"] = ["1", "812", "900", "3", "4", "5", "6", "self", "meminfo"]
         // pid 1: unreadable fds and maps
         proc.files["/proc/1/comm"] = "systemd\n"
         proc.denied = ["/proc/1/fd", "/proc/1/maps", "/proc/4/fd", "/proc/4/maps"]
         proc.files["/proc/4/comm"] = "sshd\n"
+        proc.files["/proc/1/cmdline"] = "/sbin/init\0"
+        proc.files["/proc/4/cmdline"] = "sshd: /usr/sbin/sshd -D\0"
+        // pid 6: a kernel thread (empty cmdline) that we may not look into either: not worth a mention
+        proc.files["/proc/6/comm"] = "kthreadd\n"
+        proc.files["/proc/6/cmdline"] = ""
+        proc.denied.formUnion(["/proc/6/fd", "/proc/6/maps"])
         // camera
         proc.files["/proc/812/comm"] = "camera\n"
         proc.directories["/proc/812/fd"] = ["0", "1", "2", "10", "11", "12"]

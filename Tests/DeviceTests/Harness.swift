@@ -35,6 +35,13 @@ enum Requirement: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    var hasSideEffects: Bool {
+        switch self {
+        case .vgem, .hugePages: true
+        default: false
+        }
+    }
+
     /// Nil when met, else why not.
     func unmetReason() -> String? {
         switch self {
@@ -177,7 +184,10 @@ enum Harness {
         var passed = 0, failed = 0, skipped = 0
         say("device tests: \(tests.count) registered; \(inVM ? "inside the VM: missing devices fail" : "on this host: missing devices skip")")
         for test in tests where filter.isEmpty || filter.contains(where: { test.name.hasPrefix($0) }) {
-            if let reason = test.requires.lazy.compactMap({ $0.unmetReason() }).first {
+            // Requirements with side effects (loading vgem, reserving huge pages) are checked last, so a
+            // host that lacks the devices is never changed by a test that would skip anyway.
+            let ordered = test.requires.filter { !$0.hasSideEffects } + test.requires.filter(\.hasSideEffects)
+            if let reason = ordered.lazy.compactMap({ $0.unmetReason() }).first {
                 if inVM {
                     failed += 1
                     say("FAIL \(test.name): required device missing in the VM: \(reason)")

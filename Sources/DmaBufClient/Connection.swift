@@ -182,8 +182,16 @@ public final class DmaBufConnection {
 
     /// This client's buffers; every buffer for root when `all`.
     public func list(all: Bool = false) throws -> [BufferInfo] {
-        guard case .list(let items) = try call(.list(all: all)).response else { throw DmaBufClientError(local: "expected a list") }
-        return items
+        var items: [BufferInfo] = []
+        var after: BufferID = 0
+        while true {
+            guard case .list(let page, let more) = try call(.list(all: all, after: after)).response else {
+                throw DmaBufClientError(local: "expected a list")
+            }
+            items += page
+            guard more, let last = page.last?.id, last > after else { return items }
+            after = last
+        }
     }
 
     /// One buffer's description.

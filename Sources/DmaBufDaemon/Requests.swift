@@ -141,7 +141,7 @@ extension Broker {
             }
             return (.ok, [])
 
-        case .list(let all):
+        case .list(let all, let after):
             if all && uid != 0 {
                 throw WireError(errno: Errno.notPermitted.rawValue, code: .permissionDenied,
                                 message: "listing every buffer is for root (EPERM); list your own without --all")
@@ -149,7 +149,21 @@ extension Broker {
             let records = all ? Array(buffers.values) : buffers.values.filter {
                 $0.ownerSession == session.id || session.fetched.contains($0.id) || ($0.ownerUID == uid && $0.ownerSession == nil)
             }
-            return (.list(records.sorted { $0.id < $1.id }.map(info)), [])
+            // As many as fit one message; the client asks again after the last id while `more` is set.
+            var budget = WireLimits.maximumMessageSize - WireLimits.headerSize - 4 - 1
+            var page: [BufferInfo] = []
+            var more = false
+            for record in records.filter({ $0.id > after }).sorted(by: { $0.id < $1.id }) {
+                let item = info(record)
+                let size = WireMessage.encodedSize(of: item)
+                guard size <= budget, page.count < WireLimits.maximumListEntries else {
+                    more = true
+                    break
+                }
+                budget -= size
+                page.append(item)
+            }
+            return (.list(page, more: more), [])
 
         case .info(let id):
             let record = try visible(id, to: session)

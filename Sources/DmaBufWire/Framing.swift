@@ -80,8 +80,8 @@ public enum WireMessage {
                 w.u64(f.buffer); w.u64(f.token)
             case .release(let id), .info(let id):
                 w.u64(id)
-            case .list(let all):
-                w.bool(all)
+            case .list(let all, let after):
+                w.bool(all); w.u64(after)
             case .layout(let l):
                 w.u64(l.buffer); w.u64(l.firstPage); w.u64(l.pageCount); w.bool(l.physical)
             case .releaseLease(let lease):
@@ -127,7 +127,7 @@ public enum WireMessage {
         case .fetch: request = .fetch(FetchRequest(buffer: try r.u64("buffer"), token: try r.u64("token")))
         case .release: request = .release(try r.u64("buffer"))
         case .info: request = .info(try r.u64("buffer"))
-        case .list: request = .list(all: try r.bool("all"))
+        case .list: request = .list(all: try r.bool("all"), after: try r.u64("after"))
         case .layout:
             request = .layout(LayoutRequest(buffer: try r.u64("buffer"), firstPage: try r.u64("first_page"),
                                             pageCount: try r.u64("page_count"), physical: try r.bool("physical")))
@@ -164,8 +164,9 @@ public enum WireMessage {
                 w.optional(s.token) { w, t in w.u64(t) }
             case .ok:
                 break
-            case .list(let items):
+            case .list(let items, let more):
                 w.array(items) { w, b in encodeBuffer(b, &w) }
+                w.bool(more)
             case .stats(let s):
                 w.array(s.heaps) { w, h in w.string(h.heap); w.u64(h.bytes); w.u32(h.buffers); w.u32(h.failures) }
                 w.array(s.clients) { w, c in
@@ -189,6 +190,13 @@ public enum WireMessage {
                 w.u64(buffer)
             }
         }
+    }
+
+    /// The bytes `b` takes in a reply, so a sender can fill a page without going over the size limit.
+    public static func encodedSize(of b: BufferInfo) -> Int {
+        var w = WireWriter()
+        encodeBuffer(b, &w)
+        return w.bytes.count
     }
 
     static func encodeBuffer(_ b: BufferInfo, _ w: inout WireWriter) {
@@ -242,9 +250,10 @@ public enum WireMessage {
             response = .share(ShareReply(token: try r.optional("token") { (r: inout WireReader) throws(WireDecodingError) in try r.u64("token") }))
         case .okReply: response = .ok
         case .listReply:
-            response = .list(try r.array("buffers", limit: list, minimumElementSize: 50) { (r: inout WireReader) throws(WireDecodingError) in
+            let items = try r.array("buffers", limit: list, minimumElementSize: 50) { (r: inout WireReader) throws(WireDecodingError) in
                 try decodeBuffer(&r)
-            })
+            }
+            response = .list(items, more: try r.bool("more"))
         case .statsReply:
             let heaps = try r.array("heaps", limit: list, minimumElementSize: 18) { (r: inout WireReader) throws(WireDecodingError) in
                 HeapStats(heap: try r.string("heap"), bytes: try r.u64("bytes"), buffers: try r.u32("buffers"), failures: try r.u32("failures"))

@@ -354,7 +354,8 @@ public enum Request: Sendable, Equatable {
     case share(ShareRequest)
     case fetch(FetchRequest)
     case release(BufferID)
-    case list(all: Bool)
+    /// Buffers with ids greater than `after`, as many as fit one reply (see `Response.list`'s `more`).
+    case list(all: Bool, after: BufferID = 0)
     case stats
     case layout(LayoutRequest)
     /// Carries zero or one fd: a sync_file that signals when the holder's last access completes.
@@ -374,7 +375,8 @@ public enum Response: Sendable, Equatable {
     case buffer(BufferInfo)
     case share(ShareReply)
     case ok
-    case list([BufferInfo])
+    /// A page of buffers in id order; `more` when others follow (ask again with `after` = the last id).
+    case list([BufferInfo], more: Bool = false)
     case stats(Stats)
     case layout(Layout)
     /// Carries one fd (the merged sync_file) when `fences > 0`.

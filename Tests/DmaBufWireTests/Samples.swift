@@ -31,7 +31,7 @@ let requestSamples: [Sample<Request>] = [
     Sample(label: "fetch", message: .fetch(FetchRequest(buffer: 7, token: 0xDEAD_BEEF_0000_0001)), descriptors: 0),
     Sample(label: "release", message: .release(42), descriptors: 0),
     Sample(label: "list", message: .list(all: true), descriptors: 0),
-    Sample(label: "list-own", message: .list(all: false), descriptors: 0),
+    Sample(label: "list-own", message: .list(all: false, after: 77), descriptors: 0),
     Sample(label: "stats", message: .stats, descriptors: 0),
     Sample(label: "layout", message: .layout(LayoutRequest(buffer: 3, firstPage: 16, pageCount: 32, physical: true)), descriptors: 0),
     Sample(label: "release-lease", message: .releaseLease(9), descriptors: 0),
@@ -72,6 +72,7 @@ let responseSamples: [Sample<Response>] = [
         id: 6, inode: 1, size: 4096, heap: "udmabuf", tag: "", name: "", ownerUID: 0, ownerPID: 1, generation: 0,
         externalReferences: 0, leases: 0, sharedWith: [], revoked: true, orphaned: false)]), descriptors: 0),
     Sample(label: "list-reply-empty", message: .list([]), descriptors: 0),
+    Sample(label: "list-reply-more", message: .list([sampleBuffer], more: true), descriptors: 0),
     Sample(label: "stats-reply", message: .stats(sampleStats), descriptors: 0),
     Sample(label: "layout-reply", message: .layout(Layout(
         buffer: 5, lease: 77, generation: 2, kind: .memfdPages, pageSize: 4096, firstPage: 0,

@@ -55,7 +55,7 @@ func layout(of request: Request) -> [Field] {
     case .share(let s): [.fixed("buffer", 8), .fixed("uid", s.uid == nil ? 1 : 5), .fixed("one_time_token", 1)]
     case .fetch: [.fixed("buffer", 8), .fixed("token", 8)]
     case .release, .info: [.fixed("buffer", 8)]
-    case .list: [.fixed("all", 1)]
+    case .list: [.fixed("all", 1), .fixed("after", 8)]
     case .layout: [.fixed("buffer", 8), .fixed("first_page", 8), .fixed("page_count", 8), .fixed("physical", 1)]
     case .releaseLease: [.fixed("lease", 8)]
     case .attachFence, .beginAccess: [.fixed("buffer", 8), .fixed("first_page", 8), .fixed("page_count", 8), .fixed("access", 1)]
@@ -84,7 +84,7 @@ func layout(of response: Response) -> [Field] {
     case .buffer(let b): layout(of: b)
     case .share(let s): [.fixed("token", s.token == nil ? 1 : 9)]
     case .ok: []
-    case .list(let items): [.array("buffers", minimum: 50, items.map { layout(of: $0) })]
+    case .list(let items, _): [.array("buffers", minimum: 50, items.map { layout(of: $0) }), .fixed("more", 1)]
     case .stats(let s):
         [.array("heaps", minimum: 18, s.heaps.map { [.string("heap", $0.heap), .fixed("bytes", 8), .fixed("buffers", 4), .fixed("failures", 4)] }),
          .array("clients", minimum: 32, s.clients.map { _ in

@@ -67,7 +67,7 @@ struct DaemonCommandTests {
 
     @Test func socketThatIsNotASocketExitsThree() throws {
         let path = "/tmp/dmabufctl-test-plain-file-\(getpid())"
-        FileManager.default.createFile(atPath: path, contents: Data())
+        _ = FileManager.default.createFile(atPath: path, contents: Data())
         defer { unlink(path) }
         #expect(run(["heaps", "--socket", path]).status == ExitStatus.unreachable.rawValue)
     }

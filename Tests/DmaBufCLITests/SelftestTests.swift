@@ -46,7 +46,7 @@ struct SelftestTests {
         // A regular file where a heap device should be: it opens, and DMA_HEAP_IOCTL_ALLOC fails (ENOTTY).
         let directory = try scratch()
         let fake = directory + "/system"
-        FileManager.default.createFile(atPath: fake, contents: Data())
+        _ = FileManager.default.createFile(atPath: fake, contents: Data())
         defer { unlink(fake); rmdir(directory) }
         let result = run(["selftest", "--heap-directory", directory, "--udmabuf-device", directory + "/none"])
         #expect(result.status == ExitStatus.selftestFailed.rawValue)

@@ -38,6 +38,19 @@ struct DaemonCommandTests {
         #expect(daemon.requests == [.list(all: true), .list(all: false)])
     }
 
+    @Test func listFollowsPages() throws {
+        let daemon = try FakeDaemon { request in
+            guard case .list(_, let after) = request else { return FakeReply(response: .ok) }
+            return after == 0 ? FakeReply(response: .list([Fixtures.buffer], more: true))
+                : FakeReply(response: .list([Fixtures.sharedOrphan], more: false))
+        }
+        defer { daemon.stop() }
+        let result = run(["ls", "--all", "--socket", daemon.path, "--format", "json"])
+        #expect(result.status == 0)
+        #expect(((try jsonObject(result.stdout))["buffers"] as? [[String: Any]])?.map { $0["id"] as? Int } == [7, 12])
+        #expect(daemon.requests == [.list(all: true, after: 0), .list(all: true, after: 7)])
+    }
+
     @Test func refusalExitsOneWithTheDaemonsMessageAndErrno() throws {
         let daemon = try FakeDaemon { _ in FakeReply(response: .error(Self.notFound)) }
         defer { daemon.stop() }

@@ -5,8 +5,12 @@ import SystemPackage
 import Glibc
 #endif
 
-/// Hotplug events for heaps and DRM devices through libudev. When udevd runs, the monitor listens to
-/// udev's processed events; otherwise (early boot, minimal VMs) to the kernel's uevents directly.
+/// Hotplug events for heaps and DRM devices through libudev, from the kernel's own uevents.
+///
+/// Why the `kernel` source and not udevd's: udevd multicasts from the host's network namespace, so a
+/// daemon hardened with `PrivateNetwork=yes` would never hear it, whereas the kernel broadcasts uevents
+/// to every network namespace of the initial user namespace. dmabufd only needs to know that a heap or
+/// DRM node came or went (devtmpfs has made the node by then), not udev's rules or symlinks.
 public final class UdevMonitor {
     private let udev: OpaquePointer
     private let monitor: OpaquePointer
@@ -24,7 +28,7 @@ public final class UdevMonitor {
 
     public init?(subsystems: [String] = ["dma_heap", "drm", "misc"]) {
         guard let udev = udev_new() else { return nil }
-        let source = access("/run/udev/control", F_OK) == 0 ? "udev" : "kernel"
+        let source = "kernel"
         guard let monitor = udev_monitor_new_from_netlink(udev, source) else {
             udev_unref(udev)
             return nil

@@ -58,6 +58,12 @@ struct DmabufdCommand: AsyncParsableCommand {
         // the reload service traps it, so an early one cannot kill a daemon that is already listening.
         signal(SIGPIPE, SIG_IGN)
         signal(SIGHUP, SIG_IGN)
+        // Every buffer the daemon holds is an open fd: use all the descriptors the hard limit allows.
+        var limit = rlimit()
+        if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+        }
         if checkConfig {
             print("configuration ok: socket \(settings.socketPath), max_buffer_size \(settings.maxBufferSize), policies \(settings.policies.keys.sorted())")
             return

@@ -396,6 +396,18 @@ enum DaemonTests {
                 try expect(daemon.logTail().contains("bogus_key"), "the log names the bad key")
             }
         },
+        DeviceTest("daemon.list-paginates-past-one-message", requires: system) {
+            // ~700 buffers with long tags (about 130 bytes each) take two 64 KiB replies.
+            try withDaemon(config: "quota.default.buffers = 5000\nmax_buffers_per_client = 5000") { daemon in
+                let connection = try daemon.connect()
+                let tag = String(repeating: "x", count: 40)
+                var keep: [RemoteBuffer] = []
+                for _ in 0..<700 { keep.append(try connection.allocate(size: 4096, heap: "system", tag: tag)) }
+                let listed = try connection.list(all: true)
+                try expectEqual(listed.count, 700, "buffers listed across pages")
+                try expectEqual(listed.map(\.id), keep.map(\.info.id), "ids in order, none twice")
+            }
+        },
         DeviceTest("daemon.sigterm-exits-cleanly-with-clients", requires: system) {
             let daemon = try TestDaemon()
             let connection = try daemon.connect()

@@ -36,17 +36,8 @@ public struct DRMDevice: ~Copyable, Sendable {
 
     /// The primary nodes (`/dev/dri/card*`) whose driver is `driver`.
     public static func nodes(driver: String, directory: String = "/dev/dri") -> [String] {
-        guard let dir = opendir(directory) else { return [] }
-        defer { closedir(dir) }
-        var found: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-            guard name.hasPrefix("card") else { continue }
-            if let node = try? DRMDevice(path: directory + "/" + name), node.driver == driver {
-                found.append(directory + "/" + name)
-            }
-        }
-        return found.sorted()
+        let names = ((try? SmallFiles.entries(of: directory)) ?? []).filter { $0.hasPrefix("card") }
+        return names.map { directory + "/" + $0 }.filter { (try? DRMDevice(path: $0))?.driver == driver }.sorted()
     }
 
     /// Opens the first vgem node.

@@ -20,16 +20,7 @@ public struct DmaHeap: ~Copyable, Sendable {
     /// Lists the heaps present, sorted by name. An absent directory means no heaps: the result is empty.
     /// - Parameter directory: where heap devices live; `/dev/dma_heap` unless testing.
     public static func available(in directory: String = defaultDirectory) -> [String] {
-        guard let dir = opendir(directory) else { return [] }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
-            }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names.sorted()
+        ((try? SmallFiles.entries(of: directory)) ?? []).sorted()
     }
 
     /// Opens the heap called `name`.

@@ -51,7 +51,7 @@ public struct FdInfo: Sendable, Hashable {
     /// Reads an fdinfo file by path (`/proc/<pid>/fdinfo/<fd>`).
     public static func read(path: String) throws -> FdInfo {
         do {
-            return FdInfo(parsing: try readSmallFile(path))
+            return FdInfo(parsing: try SmallFiles.read(path))
         } catch let errno as Errno {
             throw DmaBufError("fdinfo", errno, "cannot read \(path)")
         }

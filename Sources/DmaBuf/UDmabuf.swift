@@ -188,20 +188,6 @@ public struct UDmabuf: ~Copyable, Sendable {
 public let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
 func readInteger(_ path: String) -> Int? {
-    guard let text = try? readSmallFile(path) else { return nil }
+    guard let text = try? SmallFiles.read(path) else { return nil }
     return Int(text.trimmingSpaces())
-}
-
-/// Reads a small pseudo-file (procfs, sysfs) whole.
-func readSmallFile(_ path: String) throws -> String {
-    let fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec], retryOnInterrupt: true)
-    defer { try? fd.close() }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = try chunk.withUnsafeMutableBytes { try fd.read(into: $0, retryOnInterrupt: true) }
-        if n == 0 { break }
-        bytes += chunk[0..<n]
-    }
-    return String(decoding: bytes, as: UTF8.self)
 }

@@ -29,27 +29,11 @@ public struct LiveProcSource: ProcSource {
     public init() {}
 
     public func entries(_ directory: String) throws -> [String] {
-        guard let dir = opendir(directory) else { throw Errno(rawValue: errno) }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names
+        try SmallFiles.entries(of: directory)
     }
 
     public func contents(_ path: String) throws -> String {
-        let fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec], retryOnInterrupt: true)
-        defer { try? fd.close() }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = try chunk.withUnsafeMutableBytes { try fd.read(into: $0, retryOnInterrupt: true) }
-            if n == 0 { break }
-            bytes += chunk[0..<n]
-        }
-        return String(decoding: bytes, as: UTF8.self)
+        try SmallFiles.read(path)
     }
 
     public func linkTarget(_ path: String) throws -> String {

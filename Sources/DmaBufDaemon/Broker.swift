@@ -316,14 +316,7 @@ public final class Broker: @unchecked Sendable {
     }
 
     private func scanRenderNodes() -> [String] {
-        guard let dir = opendir("/dev/dri") else { return [] }
-        defer { closedir(dir) }
-        var nodes: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-            if name.hasPrefix("renderD") || name.hasPrefix("card") { nodes.append("/dev/dri/" + name) }
-        }
-        return nodes
+        ((try? SmallFiles.entries(of: "/dev/dri")) ?? []).filter { $0.hasPrefix("renderD") || $0.hasPrefix("card") }.map { "/dev/dri/" + $0 }
     }
 
     // MARK: - Helpers
@@ -338,7 +331,7 @@ public final class Broker: @unchecked Sendable {
     }
 
     func cgroupOf(pid: Int32) -> String {
-        guard let text = try? readText("/proc/\(pid)/cgroup") else { return "" }
+        guard let text = try? SmallFiles.read("/proc/\(pid)/cgroup") else { return "" }
         for line in text.split(separator: "\n") where line.hasPrefix("0::") {
             return String(line.dropFirst(3))
         }
@@ -358,17 +351,3 @@ extension Sys {
 }
 
 enum Sys {}
-
-/// Reads a small text file whole (procfs, sysfs, the state directory).
-func readText(_ path: String) throws -> String {
-    let fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec], retryOnInterrupt: true)
-    defer { try? fd.close() }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 16384)
-    while true {
-        let n = try chunk.withUnsafeMutableBytes { try fd.read(into: $0, retryOnInterrupt: true) }
-        if n == 0 { break }
-        bytes += chunk[0..<n]
-    }
-    return String(decoding: bytes, as: UTF8.self)
-}

@@ -217,7 +217,7 @@ extension Broker {
     func restore(_ stored: [BufferID: SharedFD]) {
         guard !stored.isEmpty else { return }
         var metadata: [BufferID: [Substring]] = [:]
-        if let text = try? readText(config.stateDirectory + "/buffers.tsv") {
+        if let text = try? SmallFiles.read(config.stateDirectory + "/buffers.tsv") {
             for line in text.split(separator: "\n") {
                 let fields = line.split(separator: "\t", omittingEmptySubsequences: false)
                 if fields.count >= 7, let id = BufferID(fields[0]) { metadata[id] = fields }

@@ -262,7 +262,7 @@ extension Broker {
     }
 
     func memAvailable() -> UInt64? {
-        guard let text = try? readText("/proc/meminfo") else { return nil }
+        guard let text = try? SmallFiles.read("/proc/meminfo") else { return nil }
         for line in text.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
             let kb = line.split(separator: " ").dropFirst().first.flatMap { UInt64($0) }
             return kb.map { $0 * 1024 }

@@ -1,0 +1,36 @@
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Reading the small pseudo-files and device directories the kernel exposes (procfs, sysfs, `/dev`).
+public enum SmallFiles {
+    /// Reads a whole file. Pseudo-files report size 0, so it reads until end of file.
+    /// - Throws: the `Errno` of `open` or `read` (ENOENT, EACCES, ...).
+    public static func read(_ path: String) throws -> String {
+        let fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec], retryOnInterrupt: true)
+        defer { try? fd.close() }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = try chunk.withUnsafeMutableBytes { try fd.read(into: $0, retryOnInterrupt: true) }
+            if n == 0 { break }
+            bytes += chunk[0..<n]
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// The names in a directory, without `.` and `..`, in directory order.
+    /// - Throws: the `Errno` of `opendir` (ENOENT when the directory does not exist).
+    public static func entries(of directory: String) throws -> [String] {
+        guard let dir = opendir(directory) else { throw Errno(rawValue: errno) }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+}

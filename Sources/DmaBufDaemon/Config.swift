@@ -57,7 +57,9 @@ public struct DaemonConfig: Sendable, Equatable {
     public init(parsing text: String) throws {
         self.init()
         var lineNumber = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
+        // Split on every line break: "\r\n" is one Character in Swift, so splitting on "\n" alone would
+        // read a file with CRLF endings as a single line.
+        for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline) {
             lineNumber += 1
             let line = rawLine.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
             let trimmed = line.trimmingSpaces()
@@ -73,7 +75,6 @@ public struct DaemonConfig: Sendable, Equatable {
                 throw ParseError(line: lineNumber, message: "\(key): \(message.text)")
             }
         }
-        if maxBufferSize == 0 { throw ParseError(line: 0, message: "max_buffer_size must be positive") }
     }
 
     struct ConfigValueError: Error { var text: String }
@@ -98,7 +99,9 @@ public struct DaemonConfig: Sendable, Equatable {
             guard let mode = UInt32(value, radix: 8), mode <= 0o777 else { throw ConfigValueError(text: "'\(value)' is not an octal mode like 0660") }
             socketMode = mode
         case "max_buffer_size" where parts.count == 1:
-            maxBufferSize = try size()
+            let bytes = try size()
+            guard bytes > 0 else { throw ConfigValueError(text: "'\(value)' must be positive") }
+            maxBufferSize = bytes
         case "max_buffers_per_client" where parts.count == 1:
             maxBuffersPerClient = try count()
         case "quota" where parts.count == 3 && parts[1] == "default":

@@ -1,5 +1,9 @@
 import SystemPackage
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// `/proc/<pid>/pagemap`: one 64-bit entry per virtual page (Documentation/admin-guide/mm/pagemap.rst).
 ///
 /// Physical frame numbers are visible only to CAP_SYS_ADMIN since Linux 4.0; other readers see PFN 0.
@@ -23,6 +27,18 @@ public enum Pagemap {
         public var isSoftDirty: Bool { rawValue & (1 << 55) != 0 }
         /// Bits 0–54: the PFN when present (0 without CAP_SYS_ADMIN).
         public var pfn: UInt64? { isPresent && !isSwapped ? rawValue & ((1 << 55) - 1) : nil }
+    }
+
+    /// Faults every page of `mapping` in, so pagemap shows it present. Reading the pages from Swift is not
+    /// enough: the optimiser drops loads whose values go unused, and release builds then saw no pages.
+    /// `MADV_POPULATE_READ` (Linux 5.14) asks the kernel instead; `mlock` populates on older kernels.
+    static func populate(_ mapping: UnsafeRawBufferPointer, pageSize page: Int) {
+        guard let base = mapping.baseAddress, mapping.count > 0 else { return }
+        let madvPopulateRead: CInt = 22
+        if madvise(UnsafeMutableRawPointer(mutating: base), mapping.count, madvPopulateRead) == 0 { return }
+        if mlock(base, mapping.count) == 0 {
+            munlock(base, mapping.count)
+        }
     }
 
     /// Parses little-endian 8-byte entries.
@@ -68,9 +84,7 @@ extension PageRuns {
     public init(physicalPagesOf mapping: UnsafeRawBufferPointer) throws {
         self.init()
         let page = pageSize
-        var sink: UInt8 = 0
-        for offset in stride(from: 0, to: mapping.count, by: page) { sink &+= mapping[offset] }
-        withExtendedLifetime(sink) {}
+        Pagemap.populate(mapping, pageSize: page)
         let entries = try Pagemap.read(address: mapping.baseAddress!, count: mapping.count)
         for (index, entry) in entries.enumerated() {
             guard let pfn = entry.pfn else {

@@ -144,6 +144,11 @@ public struct ByteCount: CustomStringConvertible, Sendable {
 
 extension StringProtocol {
     func trimmingSpaces() -> String {
-        String(drop(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\t" || $0 == "\n" }).reversed())
+        // Trimmed in place on a Substring: reversing twice built two Strings character by character, and
+        // fdinfo parsing (on every daemon reply) trims every line.
+        var s = Substring(self)
+        while let first = s.first, first == " " || first == "\t" { s = s.dropFirst() }
+        while let last = s.last, last == " " || last == "\t" || last == "\n" { s = s.dropLast() }
+        return String(s)
     }
 }

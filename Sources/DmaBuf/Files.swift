@@ -11,12 +11,23 @@ public enum SmallFiles {
     public static func read(_ path: String) throws -> String {
         let fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec], retryOnInterrupt: true)
         defer { try? fd.close() }
+        // Read straight into uninitialised capacity: these files are small and read often (the daemon reads
+        // fdinfo for every reply), and zero-filling a 64 KiB chunk each time dominated the cost.
         var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
         while true {
-            let n = try chunk.withUnsafeMutableBytes { try fd.read(into: $0, retryOnInterrupt: true) }
-            if n == 0 { break }
-            bytes += chunk[0..<n]
+            bytes.reserveCapacity(bytes.count + 4096)
+            let start = bytes.count
+            var failure: Errno?
+            bytes.append(contentsOf: [UInt8](unsafeUninitializedCapacity: 4096) { chunk, initialized in
+                do {
+                    initialized = try fd.read(into: UnsafeMutableRawBufferPointer(chunk), retryOnInterrupt: true)
+                } catch {
+                    failure = error as? Errno ?? .ioError
+                    initialized = 0
+                }
+            })
+            if let failure { throw failure }
+            if bytes.count == start { break }
         }
         return String(decoding: bytes, as: UTF8.self)
     }

@@ -103,17 +103,23 @@ public enum UnixSocket {
     /// Receives one message of at most `maxBytes` bytes and `maxFDs` descriptors (`MSG_CMSG_CLOEXEC`).
     /// Surplus descriptors are closed, never leaked, and counted in ``Message/surplusFDs``.
     public static func receive(_ socket: FileDescriptor, maxBytes: Int, maxFDs: Int = maximumDescriptors, flags: CInt = 0) throws -> Message {
-        var buffer = [UInt8](repeating: 0, count: maxBytes)
         var fds = [CInt](repeating: -1, count: max(maxFDs, 1))
         var count = maxFDs
         var surplus = 0
         var messageFlags: CInt = 0
-        let n = try buffer.withUnsafeMutableBytes { raw in
-            try Sys.receiveWithFDs(socket, raw, &fds, count: &count, surplus: &surplus, messageFlags: &messageFlags, flags: flags)
-                .get(or: "socket", "recvmsg failed")
+        // Uninitialised: zero-filling 64 KiB for every message (and for every EAGAIN) was most of a small
+        // request's cost in the daemon.
+        var failure: Errno?
+        let bytes = [UInt8](unsafeUninitializedCapacity: max(maxBytes, 1)) { buffer, initialized in
+            let raw = UnsafeMutableRawBufferPointer(start: buffer.baseAddress, count: maxBytes)
+            switch Sys.receiveWithFDs(socket, raw, &fds, count: &count, surplus: &surplus, messageFlags: &messageFlags, flags: flags) {
+            case .success(let n): initialized = min(n, maxBytes)
+            case .failure(let errno): failure = errno; initialized = 0
+            }
         }
+        if let failure { throw DmaBufError("socket", failure, "recvmsg failed") }
         return Message(
-            bytes: Array(buffer[0..<min(n, maxBytes)]),
+            bytes: bytes,
             fds: fds[0..<count].map { SharedFD(adopting: $0) },
             surplusFDs: surplus,
             dataTruncated: messageFlags & CInt(MSG_TRUNC) != 0,

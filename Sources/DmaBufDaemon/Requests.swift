@@ -261,11 +261,28 @@ extension Broker {
         }
     }
 
+    /// MemAvailable from /proc/meminfo, in bytes. Read on every admission, so it scans bytes: splitting the
+    /// whole file into lines of Characters cost more than a small allocation itself.
     func memAvailable() -> UInt64? {
         guard let text = try? SmallFiles.read("/proc/meminfo") else { return nil }
-        for line in text.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
-            let kb = line.split(separator: " ").dropFirst().first.flatMap { UInt64($0) }
-            return kb.map { $0 * 1024 }
+        let bytes = Array(text.utf8)
+        let key = Array("MemAvailable:".utf8)
+        var lineStart = 0
+        while lineStart + key.count <= bytes.count {
+            if bytes[lineStart..<(lineStart + key.count)].elementsEqual(key) {
+                var i = lineStart + key.count
+                while i < bytes.count && bytes[i] == UInt8(ascii: " ") { i += 1 }
+                var kb: UInt64 = 0
+                var digits = 0
+                while i < bytes.count, bytes[i] >= UInt8(ascii: "0"), bytes[i] <= UInt8(ascii: "9") {
+                    kb = kb &* 10 &+ UInt64(bytes[i] - UInt8(ascii: "0"))
+                    digits += 1
+                    i += 1
+                }
+                return digits > 0 ? kb * 1024 : nil
+            }
+            guard let newline = bytes[lineStart...].firstIndex(of: UInt8(ascii: "\n")) else { break }
+            lineStart = newline + 1
         }
         return nil
     }

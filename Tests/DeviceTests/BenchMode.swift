@@ -95,7 +95,7 @@ enum Bench {
         if options.wants("SOAK") && options.soakCycles > 0 {
             Harness.say("soak: \(options.soakCycles) abrupt-client cycles (the fault.abrupt-clients test, scaled up), seed 0x\(String(FaultRun.seed, radix: 16))")
             let outcome = try FaultRun.abruptClients(socketPath: daemon.socketPath, pid: daemon.pid, cycles: options.soakCycles,
-                                                     seed: FaultRun.seed, useFences: true)
+                                                     seed: FaultRun.seed, useFences: true, otherConnections: 1)
             Harness.say("soak: \(outcome)")
         }
     }
@@ -446,17 +446,17 @@ final class Report {
     }
 
     private func ratioText(_ value: Double) -> String {
-        value < 0.01 ? String(fmt(value * 1e4, 1)) + "e-4" : fmt(value, 2)
+        guard value.isFinite, value > 0, value < 0.01 else { return fmt(value, 2) }
+        let exponent = Int(log10(value).rounded(.down))
+        return "\(fmt(value / pow(10, Double(exponent)), 1))e\(exponent)"
     }
 
+    /// The rows as markdown table lines, each prefixed `ROW ` so scripts/bench can gather the rows of
+    /// several runs into one table.
     func print() {
-        Harness.say("")
-        Harness.say("| row | measurement | ratio: median [min–max] of \(rounds) rounds | goal | detail |")
-        Harness.say("|-----|-------------|------------------------------|------|--------|")
         for row in rows {
-            Harness.say("| \(row.id) | \(row.what) | \(row.ratio) | \(row.goal) | \(row.detail) |")
+            Harness.say("ROW | \(row.id) | \(row.what) | \(row.ratio) | \(row.goal) | \(row.detail) |")
         }
-        Harness.say("")
     }
 }
 

@@ -66,7 +66,7 @@ enum FaultChildren {
                 }
             }
             requests += 1
-            if requests % 16 == 0 {
+            if requests % 4 == 0 {
                 try channel.send("\(requests) steps, \(live.count) connections, \(live.reduce(0) { $0 + $1.held.count }) buffers")
             }
         }

@@ -294,13 +294,14 @@ enum FaultRun {
     /// warm-up, then waits for the daemon to settle and measures it against the warm baseline.
     /// With a `budget`, stops early when it runs out (a slow emulated machine does fewer cycles); the
     /// outcome says how many ran.
+    /// `otherConnections` is how many connections besides its own probe the caller keeps open meanwhile.
     static func abruptClients(socketPath: String, pid: pid_t, cycles: Int, budget: Duration? = nil, seed: UInt64,
-                              useFences: Bool) throws -> FaultOutcome {
+                              useFences: Bool, otherConnections: Int = 0) throws -> FaultOutcome {
         let probe = try DmaBufConnection(path: socketPath, clientName: "fault-probe")
         var warmup = FaultCycles(socketPath: socketPath, seed: seed ^ 0x5741_524D, useUDmabuf: true, useFences: useFences)
         try warmup.run(cycles: min(30, cycles))
         warmup.finish()
-        try settle(probe)
+        try settle(probe, connections: 1 + otherConnections)
         let fdsBefore = ProcessProbe.openFDs(pid)
         let rssBefore = ProcessProbe.statusKiB(pid)
         let start = ContinuousClock.now
@@ -309,19 +310,20 @@ enum FaultRun {
         let elapsed = ContinuousClock.now - start
         let peak = ProcessProbe.statusKiB(pid)
         faults.finish()
-        let books = try settle(probe)
+        let books = try settle(probe, connections: 1 + otherConnections)
         return FaultOutcome(
             cycles: done, seconds: seconds(elapsed), fdsBefore: fdsBefore, fdsAfter: ProcessProbe.openFDs(pid),
             rssBeforeKiB: rssBefore, rssAfterKiB: ProcessProbe.statusKiB(pid), rssPeakKiB: max(peak, ProcessProbe.statusKiB(pid, "VmHWM")),
             books: "endings \(faults.endings.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")); after: \(books)")
     }
 
-    /// Waits until only `probe` is connected and nothing is held; returns the books then.
+    /// Waits until nothing is held and only `connections` clients (the probe among them) are connected;
+    /// returns the books then.
     @discardableResult
-    static func settle(_ probe: DmaBufConnection, timeout: Duration = .seconds(20)) throws -> DaemonBooks {
+    static func settle(_ probe: DmaBufConnection, connections: Int = 1, timeout: Duration = .seconds(20)) throws -> DaemonBooks {
         var books = try DaemonBooks(probe)
         let deadline = ContinuousClock.now + timeout
-        while !books.isEmpty(connections: 1) {
+        while !books.isEmpty(connections: connections) {
             guard ContinuousClock.now < deadline else {
                 throw TestFailure(description: "the daemon did not return to empty within \(timeout): \(books)")
             }
@@ -406,11 +408,11 @@ enum FaultTests {
                     let channel = Channel(socket: mine)
                     let (text, _) = try channel.receive(timeout: .seconds(60))
                     try expect(text == "ready", "churn child: \(text)")
-                    let lifetime = Int.random(in: 0...600, using: &rng)
+                    let lifetime = Int.random(in: 0...1200, using: &rng)
                     usleep(UInt32(lifetime) * 1000)
                     kill(pid, SIGKILL)
                     let status = Harness.wait(pid)
-                    // What the child had done by the time it died (it reports every 16 requests), or its error.
+                    // What the child had done by the time it died (it reports every 4 requests), or its error.
                     var progress = "0 steps"
                     while let message = try? channel.receive(timeout: .zero), !message.text.isEmpty { progress = message.text }
                     try expect(status == 128 + SIGKILL, "the churn child exited with \(status) before it was killed: \(progress)")

@@ -121,6 +121,12 @@ extension Broker {
                 send(session, .bufferFreed(record.id), requestID: 0)
             }
             tokens = tokens.filter { $0.value != record.id }
+            // A buffer that came back from systemd's fd store is still in it (see `restore`). systemd's
+            // copy would keep the memory alive (so `externalReferences` never reached 0) and bring the
+            // freed buffer back after a crash; take it out. Harmless for a buffer the store never had.
+            // Not while shutting down: `persistToFDStore` has just put every buffer there, and the
+            // disconnects that follow end here.
+            if config.fdStore && Systemd.isSupervised && !shuttingDown { Systemd.removeStoredFD(name: "buf-\(record.id)") }
         }
         if record.externalReferences == 0 {
             buffers[record.id] = nil

@@ -248,7 +248,7 @@ enum Bench {
         let layout = try connection.layout(huge.info.id, physical: true)
         let layoutTime = Double(nowNS() - t0)
         let pages = layout.runs.reduce(0) { $0 + $1.pages }
-        report.note("P3", "64 MiB hugetlb udmabuf via dmabufd: \(layout.runs.count) physical runs for \(pages) pages (32 huge pages; goal ≤ 32), first layout \(us(layoutTime))")
+        report.note("P3", "64 MiB hugetlb udmabuf via dmabufd: \(layout.runs.count) physical run\(layout.runs.count == 1 ? "" : "s") for \(pages) pages (32 huge pages; goal ≤ 32), first layout \(us(layoutTime))")
         try connection.releaseLease(layout.lease)
         let hugeID = huge.info.id
         _ = consume huge

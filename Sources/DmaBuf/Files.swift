@@ -45,3 +45,11 @@ public enum SmallFiles {
         return names
     }
 }
+
+extension Duration {
+    /// The duration in whole milliseconds, rounded toward zero: what `poll(2)` timeouts and the wire
+    /// protocol's `*_ms` fields take.
+    public var wholeMilliseconds: Int64 {
+        components.seconds * 1000 + components.attoseconds / 1_000_000_000_000_000
+    }
+}

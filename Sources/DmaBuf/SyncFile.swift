@@ -119,7 +119,7 @@ public struct SyncFile: Sendable {
             var remaining: CInt = -1
             if let deadline {
                 let left = deadline - ContinuousClock.now
-                let milliseconds = left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000
+                let milliseconds = left.wholeMilliseconds
                 remaining = CInt(clamping: max(0, milliseconds + (left > .zero ? 1 : 0)))
             }
             if try poll(timeoutMilliseconds: remaining) { return }

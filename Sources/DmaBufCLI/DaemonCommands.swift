@@ -270,14 +270,14 @@ public struct FenceWaitCommand: ParsableCommand {
                 do {
                     try syncFile.wait(timeout: timeout)
                 } catch let error as DmaBufError where error.errno == .timerExpired {
-                    Console.current.err("error: \(count) fence(s) on buffer \(fence.id) pages \(fence.pages) did not signal within \(human(milliseconds: UInt64(milliseconds(timeout ?? .zero))))")
+                    Console.current.err("error: \(count) fence(s) on buffer \(fence.id) pages \(fence.pages) did not signal within \(human(milliseconds: UInt64((timeout ?? .zero).wholeMilliseconds)))")
                     throw ExitStatus.refused.exitCode
                 }
             }
             return FenceOutput(
                 buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access.rawValue,
                 fences: UInt32(count), signaled: true,
-                waitedMilliseconds: syncFile == nil ? 0 : UInt64(max(0, milliseconds(ContinuousClock.now - start))))
+                waitedMilliseconds: syncFile == nil ? 0 : UInt64(max(0, (ContinuousClock.now - start).wholeMilliseconds)))
         }
         try emit(output.format, result, text: format(fence:))
     }
@@ -356,7 +356,7 @@ public struct RevokeCommand: ParsableCommand {
 
     public func run() throws {
         try withDaemon(connection) { try $0.revoke(id, deadline: deadline) }
-        let when = deadline.map { "\(human(milliseconds: UInt64(milliseconds($0)))) to release" } ?? "the configured deadline to release"
+        let when = deadline.map { "\(human(milliseconds: UInt64($0.wholeMilliseconds))) to release" } ?? "the configured deadline to release"
         Console.current.out("revoked buffer \(id); holders have \(when)")
     }
 }

@@ -96,8 +96,3 @@ public func parseDuration(_ text: String) throws -> Duration {
     guard milliseconds < Double(UInt32.max) else { throw ValidationError("'\(text)' is too long a duration") }
     return .milliseconds(Int64(milliseconds))
 }
-
-/// Whole milliseconds in `duration`, rounded down.
-func milliseconds(_ duration: Duration) -> Int64 {
-    duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
-}

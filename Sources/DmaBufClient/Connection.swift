@@ -111,7 +111,7 @@ public final class DmaBufConnection {
             if let deadline {
                 let left = deadline - ContinuousClock.now
                 if left <= .zero { return nil }
-                wait = CInt(clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1)
+                wait = CInt(clamping: left.wholeMilliseconds + 1)
             }
             var fds = [pollfd(fd: socket.descriptor.rawValue, events: Int16(POLLIN), revents: 0)]
             let ready = poll(&fds, 1, wait)
@@ -234,7 +234,7 @@ public final class DmaBufConnection {
 
     /// Revokes a buffer: holders are told, get `deadline` to release, then the buffer is freed after their fences.
     public func revoke(_ buffer: BufferID, deadline: Duration? = nil) throws {
-        let ms = deadline.map { UInt32(clamping: $0.components.seconds * 1000 + $0.components.attoseconds / 1_000_000_000_000_000) } ?? 0
+        let ms = deadline.map { UInt32(clamping: $0.wholeMilliseconds) } ?? 0
         try expectOK(call(.revoke(RevokeRequest(buffer: buffer, deadlineMilliseconds: ms))))
     }
 }

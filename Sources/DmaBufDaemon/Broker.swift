@@ -63,7 +63,7 @@ public final class Broker: @unchecked Sendable {
             } else if listenFD == nil && Systemd.isUnixListener(fd) {
                 listenFD = SharedFD(adopting: fd)
             } else {
-                Sys.closeInherited(fd)
+                _ = close(fd)  // neither our listener nor a stored buffer
             }
         }
         if let listenFD {
@@ -346,8 +346,3 @@ extension WireDecodingError {
     }
 }
 
-extension Sys {
-    static func closeInherited(_ fd: CInt) { _ = close(fd) }
-}
-
-enum Sys {}

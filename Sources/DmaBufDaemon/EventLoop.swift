@@ -115,7 +115,7 @@ public final class EventLoop: @unchecked Sendable {
         guard let next = timers.min(by: { $0.deadline < $1.deadline })?.deadline else { return -1 }
         let left = next - ContinuousClock.now
         if left <= .zero { return 0 }
-        return CInt(clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1)
+        return CInt(clamping: left.wholeMilliseconds + 1)
     }
 
     private func runDueTimers() {

@@ -146,7 +146,7 @@ extension Broker {
         guard !record.revoked else { return }
         record.revoked = true
         record.generation += 1
-        let ms = UInt32(clamping: deadline.components.seconds * 1000 + deadline.components.attoseconds / 1_000_000_000_000_000)
+        let ms = UInt32(clamping: deadline.wholeMilliseconds)
         logger.info("revoking", metadata: ["id": "\(record.id)", "leases": "\(record.leases.count)", "deadline_ms": "\(ms)"])
         // The owner keeps the id in its `owned` set until the buffer is freed, so it hears `bufferFreed`.
         record.ownerSession = nil

@@ -411,7 +411,7 @@ extension Broker {
             return ClientStats(uid: uid, bytes: used.bytes, buffers: used.buffers, quotaBytes: quota.bytes, quotaBuffers: quota.buffers, refusals: used.refusals)
         }
         let oldest = fences.values.map(\.since).min().map { ContinuousClock.now - $0 }
-        let oldestMS = oldest.map { UInt64($0.components.seconds * 1000 + $0.components.attoseconds / 1_000_000_000_000_000) } ?? 0
+        let oldestMS = oldest.map { UInt64($0.wholeMilliseconds) } ?? 0
         return Stats(heaps: heaps, clients: clients, failures: failures.keys.sorted().map { ErrnoCount(errno: $0, count: failures[$0]!) },
                      connectedClients: UInt32(sessions.count), buffers: UInt32(buffers.count),
                      bytes: buffers.values.reduce(0) { $0 + $1.size }, leases: UInt32(leases.count),

@@ -41,11 +41,12 @@ public struct DmaBuffer: Sendable {
         self.fd = fd
     }
 
-    /// Checks that `fd` really is a dma-buf (its fdinfo names an exporter) before wrapping it.
+    /// Checks that `fd` really is a dma-buf (its fdinfo names an exporter before any name, with a size and a
+    /// count, nothing unexpected) before wrapping it.
     /// - Throws: ``DmaBufError`` with EBADF when the descriptor is not a dma-buf.
     public init(checking fd: SharedFD) throws {
         let info = try FdInfo.read(fd.descriptor)
-        guard info.exporter != nil else {
+        guard info.exporter != nil, info.size != nil, info.count != nil, info.unexpected.isEmpty else {
             throw DmaBufError(
                 "dma-buf", .badFileDescriptor, "fd \(fd.descriptor.rawValue) is not a dma-buf",
                 fix: "pass a descriptor from a dma-heap, udmabuf or a driver's PRIME export")

@@ -1,6 +1,14 @@
 import SystemPackage
 
 /// What `/proc/<pid>/fdinfo/<fd>` says about a descriptor. dma-bufs add `size`, `count`, `exp_name`, `name`.
+///
+/// Only part of this text is the kernel's own. `DMA_BUF_SET_NAME` lets anyone holding the buffer set its
+/// `name` to any bytes, newlines included, so a name can carry lines that look like `count:` or `size:`.
+/// The kernel prints `pos`, `flags`, `mnt_id`, `ino`, `size`, `count` and `exp_name` before the name and
+/// the name last (fs/proc/fd.c, then dma_buf_show_fdinfo), so the parser takes the first occurrence of
+/// each key, and treats everything after `name:` as the name. Anything else that does not look like what
+/// the kernel prints is listed in ``unexpected``: a caller deciding a charge from ``count`` or ``size``
+/// must keep the charge when that list is not empty.
 public struct FdInfo: Sendable, Hashable {
     /// `pos`
     public var position: Int64 = 0
@@ -10,37 +18,78 @@ public struct FdInfo: Sendable, Hashable {
     public var mountID: Int = 0
     /// `ino`
     public var inode: UInt64?
-    /// `size`: the dma-buf's size in bytes.
+    /// `size`: the dma-buf's size in bytes (never negative).
     public var size: Int?
     /// `count`: file references to the dma-buf, procfs's own temporary one excluded. More than the holder's
     /// own references means someone else (another process, a device import) still holds it.
+    /// Always within `0...UInt32.max` when set: a larger number is reported in ``unexpected`` instead.
     public var count: Int?
     /// `exp_name`: the exporter's module (`system` for the system heap, `udmabuf`, `drm` for any GEM driver's
     /// PRIME export, vgem included). Present only for dma-bufs.
     public var exporter: String?
-    /// `name`: the name set with `DMA_BUF_SET_NAME`, when set.
+    /// `name`: the name set with `DMA_BUF_SET_NAME`, when set. Client-controlled text: it may hold newlines
+    /// and control characters, so never take a fact from it and escape it before printing or storing it.
     public var name: String?
+    /// What did not look like the kernel's own output: a key printed twice before the name, a number that
+    /// does not parse or is out of range, a dma-buf without `size` or `count`. Empty for every fdinfo a
+    /// kernel prints; callers that charge or uncharge from ``count``/``size`` keep the charge otherwise.
+    public var unexpected: [String] = []
 
     public init() {}
 
-    /// Parses fdinfo text; unknown keys are ignored and malformed numbers are left unset.
+    /// The keys the kernel prints before a dma-buf's name, each exactly once.
+    private static let kernelKeys: Set<String> = ["pos", "flags", "mnt_id", "ino", "size", "count", "exp_name"]
+
+    /// Parses fdinfo text: the first occurrence of each kernel key counts, unknown keys are ignored,
+    /// malformed or out-of-range numbers are left unset and listed in ``unexpected``.
     public init(parsing text: String) {
-        for line in text.split(separator: "\n") {
-            guard let colon = line.firstIndex(of: ":") else { continue }
-            let key = line[..<colon]
-            let value = line[line.index(after: colon)...].trimmingSpaces()
-            switch key {
-            case "pos": position = Int64(value) ?? 0
-            case "flags": flags = Int(value, radix: 8) ?? 0
-            case "mnt_id": mountID = Int(value) ?? 0
-            case "ino": inode = UInt64(value)
-            case "size": size = Int(value)
-            case "count": count = Int(value)
-            case "exp_name": exporter = value
-            case "name": name = value
-            default: break
+        let bytes = Array(text.utf8)
+        var seen: Set<String> = []
+        var start = 0
+        // Bytes, not Characters: "\r\n" is one Character in Swift, and splitting on "\n" would not see it.
+        while start < bytes.count {
+            let end = bytes[start...].firstIndex(of: UInt8(ascii: "\n")) ?? bytes.count
+            defer { start = end + 1 }
+            guard let colon = bytes[start..<end].firstIndex(of: UInt8(ascii: ":")) else { continue }
+            let key = String(decoding: bytes[start..<colon], as: UTF8.self)
+            if key == "name" {
+                name = FdInfo.nameValue(bytes[(colon + 1)...])
+                break
             }
+            guard FdInfo.kernelKeys.contains(key) else { continue }
+            guard seen.insert(key).inserted else {
+                unexpected.append("'\(key):' printed twice; the first was kept")
+                continue
+            }
+            record(key, String(decoding: bytes[(colon + 1)..<end], as: UTF8.self).trimmingSpaces())
         }
+        if exporter != nil {
+            if size == nil && !seen.contains("size") { unexpected.append("a dma-buf without 'size:'") }
+            if count == nil && !seen.contains("count") { unexpected.append("a dma-buf without 'count:'") }
+        }
+    }
+
+    /// Stores one kernel key's value, range-checked.
+    private mutating func record(_ key: String, _ value: String) {
+        func bad() { unexpected.append("'\(key):' has a malformed or out-of-range value '\(value.prefix(32))'") }
+        switch key {
+        case "pos": if let v = Int64(value) { position = v } else { bad() }
+        case "flags": if let v = Int(value, radix: 8), v >= 0 { flags = v } else { bad() }
+        case "mnt_id": if let v = Int(value), v >= 0 { mountID = v } else { bad() }
+        case "ino": if let v = UInt64(value) { inode = v } else { bad() }
+        case "size": if let v = Int(value), v >= 0 { size = v } else { bad() }
+        case "count": if let v = UInt32(value) { count = Int(v) } else { bad() }
+        case "exp_name": exporter = value
+        default: break
+        }
+    }
+
+    /// The name: everything after `name:` and the kernel's tab, less the one newline the kernel ends it with.
+    private static func nameValue(_ bytes: ArraySlice<UInt8>) -> String {
+        var value = bytes
+        if value.first == UInt8(ascii: "\t") { value = value.dropFirst() }
+        if value.last == UInt8(ascii: "\n") { value = value.dropLast() }
+        return String(decoding: value, as: UTF8.self)
     }
 
     /// Reads this process's fdinfo for `fd`.

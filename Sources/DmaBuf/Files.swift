@@ -6,9 +6,14 @@ import Glibc
 
 /// Reading the small pseudo-files and device directories the kernel exposes (procfs, sysfs, `/dev`).
 public enum SmallFiles {
-    /// Reads a whole file. Pseudo-files report size 0, so it reads until end of file.
-    /// - Throws: the `Errno` of `open` or `read` (ENOENT, EACCES, ...).
-    public static func read(_ path: String) throws -> String {
+    /// The most a read keeps by default: procfs and sysfs files dmabufd reads are a few hundred bytes.
+    /// A bound all the same, because some of them hold text other processes chose (a dma-buf's name).
+    public static let defaultMaximumBytes = 1 << 20
+
+    /// Reads a whole file, at most `maximumBytes` of it. Pseudo-files report size 0, so it reads until end
+    /// of file.
+    /// - Throws: the `Errno` of `open` or `read` (ENOENT, EACCES, ...); EFBIG past `maximumBytes`.
+    public static func read(_ path: String, maximumBytes: Int = defaultMaximumBytes) throws -> String {
         let fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec], retryOnInterrupt: true)
         defer { try? fd.close() }
         // Read straight into uninitialised capacity: these files are small and read often (the daemon reads
@@ -28,6 +33,7 @@ public enum SmallFiles {
             })
             if let failure { throw failure }
             if bytes.count == start { break }
+            if bytes.count > maximumBytes { throw Errno.fileTooLarge }
         }
         return String(decoding: bytes, as: UTF8.self)
     }
@@ -49,7 +55,12 @@ public enum SmallFiles {
 extension Duration {
     /// The duration in whole milliseconds, rounded toward zero: what `poll(2)` timeouts and the wire
     /// protocol's `*_ms` fields take.
+    /// Saturates at `Int64.min`/`Int64.max` instead of trapping: durations can come from clients.
     public var wholeMilliseconds: Int64 {
-        components.seconds * 1000 + components.attoseconds / 1_000_000_000_000_000
+        let (ms, overflow) = components.seconds.multipliedReportingOverflow(by: 1000)
+        if overflow { return components.seconds < 0 ? .min : .max }
+        let (sum, overflow2) = ms.addingReportingOverflow(components.attoseconds / 1_000_000_000_000_000)
+        if overflow2 { return ms < 0 ? .min : .max }
+        return sum
     }
 }

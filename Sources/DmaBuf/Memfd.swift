@@ -86,6 +86,12 @@ public struct Memfd: Sendable {
         Int(try Sys.fstat(fd.descriptor).get(or: "memfd", "fstat failed").st_size)
     }
 
+    /// Maps exactly one validated extent (no more of the file: a sparse memfd stays sparse).
+    /// The extent's offset and size fit `Int` by construction, so no conversion here can trap.
+    public func map(_ extent: UDmabuf.Extent, writable: Bool = true, reserve: Bool = true) throws -> Mapping {
+        try map(offset: Int(extent.offset), length: Int(extent.size), writable: writable, reserve: reserve)
+    }
+
     /// Maps `length` bytes at `offset` shared (`MAP_SHARED`). Unmapped when the result goes away.
     /// - Parameters:
     ///   - writable: `PROT_WRITE` as well as `PROT_READ`.

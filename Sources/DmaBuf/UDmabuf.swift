@@ -86,6 +86,8 @@ public struct UDmabuf: ~Copyable, Sendable {
     /// the same memfd are merged first (``mergeAdjacent(_:)``) so that more fit under `list_limit`.
     /// The caller owns the returned buffer; the memfds stay the caller's.
     public func create(list: [Range]) throws -> DmaBuffer {
+        // Validate the caller's entries before merging sums them.
+        _ = try UDmabuf.extents(list.map { ($0.offset, $0.size) })
         let merged = UDmabuf.mergeAdjacent(list)
         try check(merged)
         let items = merged.map {
@@ -103,12 +105,15 @@ public struct UDmabuf: ~Copyable, Sendable {
     }
 
     /// Merges entries where one ends exactly where the next begins in the same memfd. One pass; order kept.
+    /// Sums that would overflow are not merged (``check(_:)`` refuses such entries anyway).
     public static func mergeAdjacent(_ ranges: [Range]) -> [Range] {
         var merged: [Range] = []
         merged.reserveCapacity(ranges.count)
         for range in ranges {
-            if let last = merged.last, last.memfd == range.memfd, last.offset + last.size == range.offset {
-                merged[merged.count - 1].size += range.size
+            if let last = merged.last, last.memfd == range.memfd,
+               case (let end, false) = last.offset.addingReportingOverflow(last.size), end == range.offset,
+               case (let size, false) = last.size.addingReportingOverflow(range.size) {
+                merged[merged.count - 1].size = size
             } else {
                 merged.append(range)
             }
@@ -116,59 +121,120 @@ public struct UDmabuf: ~Copyable, Sendable {
         return merged
     }
 
+    /// A validated piece of a memfd: page-aligned, non-empty, and ending at or below `Int64.max` (file
+    /// offsets are `off_t`), so `end` and any sum of up to `Int32.max` extents' sizes cannot overflow a UInt64.
+    public struct Extent: Sendable, Hashable {
+        public let offset: UInt64
+        public let size: UInt64
+        /// `offset + size`; cannot overflow (checked when made).
+        public var end: UInt64 { offset + size }
+
+        /// Checks a caller's `offset` and `size`.
+        /// - Throws: ``DmaBufError`` EINVAL for an unaligned offset or a size that is not a positive
+        ///   multiple of the page size; EOVERFLOW when the range ends past `Int64.max`.
+        public init(offset: UInt64, size: UInt64) throws {
+            let page = UInt64(pageSize)
+            if offset % page != 0 {
+                throw DmaBufError("udmabuf", .invalidArgument, "offset \(offset) is not page-aligned", fix: "use multiples of \(page) bytes")
+            }
+            if size % page != 0 || size == 0 {
+                throw DmaBufError(
+                    "udmabuf", .invalidArgument, "size \(size) is not a positive multiple of the page size",
+                    fix: "use multiples of \(page) bytes")
+            }
+            let (end, overflow) = offset.addingReportingOverflow(size)
+            if overflow || end > UInt64(Int64.max) {
+                throw DmaBufError(
+                    "udmabuf", .overflow, "range of \(size) bytes at offset \(offset) ends past the largest file offset (2^63-1)",
+                    fix: "offsets and sizes must describe bytes inside the memfd")
+            }
+            self.offset = offset
+            self.size = size
+        }
+    }
+
+    /// Validates a caller's list of (offset, size) pieces once, at the boundary: each one an ``Extent``,
+    /// at least one and at most `maximumCount`, and their total no more than `maximumTotal`.
+    /// Returns the extents and their total, which later arithmetic can use without overflow checks.
+    /// - Throws: ``DmaBufError`` EINVAL for an empty or too long list or a bad piece, EOVERFLOW when a
+    ///   piece or the total does not fit (`maximumTotal` is at most `Int64.max`).
+    public static func extents(
+        _ pieces: [(offset: UInt64, size: UInt64)], maximumCount: Int = Int(Int32.max), maximumTotal: UInt64 = UInt64(Int64.max)
+    ) throws -> (extents: [Extent], total: UInt64) {
+        guard !pieces.isEmpty else {
+            throw DmaBufError("udmabuf", .invalidArgument, "the list of ranges is empty", fix: "give at least one range")
+        }
+        guard pieces.count <= maximumCount else {
+            throw DmaBufError("udmabuf", .invalidArgument, "\(pieces.count) ranges are more than \(maximumCount)", fix: "merge adjacent ranges")
+        }
+        let limit = min(maximumTotal, UInt64(Int64.max))
+        var extents: [Extent] = []
+        extents.reserveCapacity(pieces.count)
+        var total: UInt64 = 0
+        for piece in pieces {
+            let extent = try Extent(offset: piece.offset, size: piece.size)
+            // Both are at most Int64.max, so the sum fits a UInt64; compare before keeping it.
+            total += extent.size
+            if total > limit {
+                throw DmaBufError(
+                    "udmabuf", .overflow, "the ranges add up to more than \(limit) bytes",
+                    fix: "ask for less in one buffer")
+            }
+            extents.append(extent)
+        }
+        return (extents, total)
+    }
+
     /// The checks the kernel makes, done first so the error can say which one failed and how to fix it.
+    /// Every sum is overflow-checked: offsets and sizes come from callers (and, through dmabufd, clients).
     func check(_ ranges: [Range]) throws {
-        let page = UInt64(pageSize)
         if ranges.count > limits.listLimit {
             throw DmaBufError(
                 "udmabuf", .invalidArgument, "\(ranges.count) list entries exceed the module's list_limit=\(limits.listLimit)",
                 fix: "merge adjacent ranges, or raise /sys/module/udmabuf/parameters/list_limit")
         }
-        var total: UInt64 = 0
+        let sizeLimit = UInt64(clamping: limits.sizeLimitBytes)
+        let (_, total) = try UDmabuf.extents(ranges.map { ($0.offset, $0.size) }, maximumTotal: UInt64(Int64.max))
         for range in ranges {
-            if range.offset % page != 0 {
-                throw DmaBufError(
-                    "udmabuf", .invalidArgument, "offset \(range.offset) is not page-aligned",
-                    fix: "use multiples of \(page) bytes")
-            }
-            if range.size % page != 0 || range.size == 0 {
-                throw DmaBufError(
-                    "udmabuf", .invalidArgument, "size \(range.size) is not a positive multiple of the page size",
-                    fix: "use multiples of \(page) bytes")
-            }
-            let memfd = Memfd(shared: SharedFD(adopting: try Sys.dup(range.memfd).get(or: "udmabuf", "cannot dup fd \(range.memfd.rawValue)")))
-            let seals: Memfd.Seals
-            do {
-                seals = try memfd.seals()
-            } catch {
-                throw DmaBufError(
-                    "udmabuf", .badFileDescriptorState, "fd \(range.memfd.rawValue) is not a memfd",
-                    fix: "create the memory with memfd_create(MFD_ALLOW_SEALING)")
-            }
-            if !seals.contains(.shrink) {
-                throw DmaBufError(
-                    "udmabuf", .invalidArgument, "memfd lacks F_SEAL_SHRINK",
-                    fix: "create it with MFD_ALLOW_SEALING and add F_SEAL_SHRINK")
-            }
-            if !seals.isDisjoint(with: [.write, .futureWrite]) {
-                throw DmaBufError(
-                    "udmabuf", .invalidArgument, "memfd has F_SEAL_WRITE or F_SEAL_FUTURE_WRITE",
-                    fix: "udmabuf needs writable memory: create a memfd without write seals")
-            }
-            let fileSize = UInt64(try memfd.size())
-            if range.offset + range.size > fileSize {
-                throw DmaBufError(
-                    "udmabuf", .invalidArgument,
-                    "range [\(range.offset), \(range.offset + range.size)) ends past the memfd's \(ByteCount(Int(fileSize)))",
-                    fix: "ftruncate the memfd to cover the range first")
-            }
-            total += range.size
+            try checkMemfd(range)
         }
-        if total > UInt64(limits.sizeLimitBytes) {
+        if total > sizeLimit {
             throw DmaBufError(
                 "udmabuf", .invalidArgument,
                 "\(ByteCount(Int(total))) exceeds the module's size_limit_mb=\(limits.sizeLimitMB)",
                 fix: "ask for less, or raise /sys/module/udmabuf/parameters/size_limit_mb")
+        }
+    }
+
+    /// One entry's memfd: a memfd at all, its seals, and the range inside it. The range is already an
+    /// ``Extent``, so `offset + size` cannot overflow.
+    private func checkMemfd(_ range: Range) throws {
+        let memfd = Memfd(shared: SharedFD(adopting: try Sys.dup(range.memfd).get(or: "udmabuf", "cannot dup fd \(range.memfd.rawValue)")))
+        let seals: Memfd.Seals
+        do {
+            seals = try memfd.seals()
+        } catch {
+            throw DmaBufError(
+                "udmabuf", .badFileDescriptorState, "fd \(range.memfd.rawValue) is not a memfd",
+                fix: "create the memory with memfd_create(MFD_ALLOW_SEALING)")
+        }
+        if !seals.contains(.shrink) {
+            throw DmaBufError(
+                "udmabuf", .invalidArgument, "memfd lacks F_SEAL_SHRINK",
+                fix: "create it with MFD_ALLOW_SEALING and add F_SEAL_SHRINK")
+        }
+        if !seals.isDisjoint(with: [.write, .futureWrite]) {
+            throw DmaBufError(
+                "udmabuf", .invalidArgument, "memfd has F_SEAL_WRITE or F_SEAL_FUTURE_WRITE",
+                fix: "udmabuf needs writable memory: create a memfd without write seals")
+        }
+        let fileSize = UInt64(clamping: try memfd.size())
+        let end = range.offset + range.size
+        if end > fileSize {
+            throw DmaBufError(
+                "udmabuf", .invalidArgument,
+                "range [\(range.offset), \(end)) ends past the memfd's \(ByteCount(Int(fileSize)))",
+                fix: "ftruncate the memfd to cover the range first")
         }
     }
 

@@ -176,4 +176,49 @@ final class FakeUDmabuf {
             try device.create(list: adjacent)
         }
     }
+
+    @Test func overflowingRangesAreRefusedNotTrapped() throws {
+        // issue 9: [{2^64-4096, 4096}, {0, 4096}] crashed the daemon in these sums.
+        let device = try FakeUDmabuf().open()
+        let memfd = try Memfd(name: "overflow", size: 4 * pageSize)
+        let fd = memfd.fd.descriptor
+        expectDmaBufError(.overflow, "ends past the largest file offset") {
+            try device.create(list: [.init(memfd: fd, offset: UInt64.max - page + 1, size: page), .init(memfd: fd, offset: 0, size: page)])
+        }
+        expectDmaBufError(.overflow, "ends past the largest file offset") {
+            try device.create(memfd: fd, offset: UInt64(Int64.max) - page + 1, size: 2 * page)
+        }
+        expectDmaBufError(.overflow, "ends past the largest file offset") {
+            try device.create(memfd: fd, offset: page, size: UInt64.max - page + 1)
+        }
+        // Two sizes that each fit but together wrap a UInt64 once merged.
+        let half = (UInt64(1) << 63) - page
+        expectDmaBufError(.overflow) {
+            try device.create(list: [.init(memfd: fd, offset: 0, size: half), .init(memfd: fd, offset: half, size: half)])
+        }
+    }
+
+    @Test func extentsValidateOnceAtTheBoundary() throws {
+        let (extents, total) = try UDmabuf.extents([(0, page), (2 * page, 3 * page)])
+        #expect(total == 4 * page)
+        #expect(extents.map(\.end) == [page, 5 * page])
+        expectDmaBufError(.invalidArgument, "the list of ranges is empty") { try UDmabuf.extents([]) }
+        expectDmaBufError(.invalidArgument, "3 ranges are more than 2") { try UDmabuf.extents([(0, page), (0, page), (0, page)], maximumCount: 2) }
+        expectDmaBufError(.overflow, "add up to more than \(3 * page) bytes") {
+            try UDmabuf.extents([(0, 2 * page), (0, 2 * page)], maximumTotal: 3 * page)
+        }
+        let big = UInt64(Int64.max) / page * page
+        expectDmaBufError(.overflow, "add up to more than") { try UDmabuf.extents([(0, big), (0, big), (0, big)]) }
+        expectDmaBufError(.invalidArgument, "not page-aligned") { try UDmabuf.Extent(offset: 1, size: page) }
+        expectDmaBufError(.overflow) { try UDmabuf.Extent(offset: UInt64.max - page + 1, size: page) }
+    }
+
+    @Test func mergeNeverWraps() {
+        let fd = FileDescriptor(rawValue: 10)
+        let top = UInt64.max - 4095
+        let list: [UDmabuf.Range] = [.init(memfd: fd, offset: top, size: 4096), .init(memfd: fd, offset: 0, size: 4096)]
+        #expect(UDmabuf.mergeAdjacent(list) == list)
+        let wide: [UDmabuf.Range] = [.init(memfd: fd, offset: 0, size: UInt64.max - 4095), .init(memfd: fd, offset: UInt64.max - 4095, size: 8192)]
+        #expect(UDmabuf.mergeAdjacent(wide) == wide)
+    }
 }

@@ -14,6 +14,7 @@ if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &fileLimit) == 0 {
     _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &fileLimit)
 }
 if arguments.first == "--bench" { exit(Bench.main(Array(arguments.dropFirst()))) }
+if arguments.first == "--child", arguments.count > 1, arguments[1].hasPrefix("hostile-") { exit(HostileChildren.run(role: arguments[1], arguments: Array(arguments.dropFirst(2)))) }
 if arguments.first == "--child", arguments.count > 1, arguments[1].hasPrefix("fault-") { exit(FaultChildren.run(role: arguments[1], arguments: Array(arguments.dropFirst(2)))) }
 if arguments.first == "--child" {
     let role = arguments.dropFirst().first ?? ""
@@ -21,5 +22,5 @@ if arguments.first == "--child" {
     exit(role.hasPrefix("daemon-") ? DaemonChildren.run(role: role, arguments: rest) : Children.run(role: role, arguments: rest))
 }
 let suite = HeapTests.all + UDmabufTests.all + DmaBufferTests.all + FenceTests.all + PageRunTests.all
-    + DaemonTests.all + LeaseTests.all + CLITests.all + FaultTests.all + LoadTests.all
+    + DaemonTests.all + LeaseTests.all + CLITests.all + FaultTests.all + LoadTests.all + HostileTests.all
 exit(Harness.main(tests: suite, filter: arguments))

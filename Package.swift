@@ -75,7 +75,7 @@ let package = Package(
         ),
         .testTarget(name: "DmaBufTests", dependencies: ["DmaBuf", "CDmaBuf"]),
         .testTarget(name: "DmaBufWireTests", dependencies: ["DmaBufWire", "DmaBuf"]),
-        .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf"]),
+        .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf", "CDmaBuf"]),
         .testTarget(name: "DmaBufCLITests", dependencies: ["DmaBufCLI", "DmaBufWire"]),
     ]
 )

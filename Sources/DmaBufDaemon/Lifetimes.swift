@@ -74,7 +74,8 @@ extension Broker {
             send(session, .leaseRevoked(lease: lease.id, buffer: record.id, deadlineMilliseconds: ms), requestID: 0)
         }
         if !record.leases.isEmpty {
-            loop.schedule(after: deadline) { [unowned self] in self.endLeases(of: record) }
+            // Weak: a buffer freed before the deadline must not be kept (with its fd) by the timer.
+            loop.schedule(after: deadline) { [unowned self, weak record] in record.map(self.endLeases(of:)) }
         }
         maybeFree(record)
     }

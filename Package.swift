@@ -16,6 +16,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
     ],
     targets: [
         // C shim over the dma-buf uAPI: ioctl request numbers, flexible-array structs, CMSG, fcntl.
@@ -42,6 +43,8 @@ let package = Package(
                 "DmaBuf", "DmaBufWire", "CDmaBuf", "CUdev", "CSystemd",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "HeapModule", package: "swift-collections"),
+                .product(name: "DequeModule", package: "swift-collections"),
             ]
         ),
         .executableTarget(
@@ -72,7 +75,7 @@ let package = Package(
         ),
         .testTarget(name: "DmaBufTests", dependencies: ["DmaBuf", "CDmaBuf"]),
         .testTarget(name: "DmaBufWireTests", dependencies: ["DmaBufWire", "DmaBuf"]),
-        .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf"]),
+        .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf", "CDmaBuf"]),
         .testTarget(name: "DmaBufCLITests", dependencies: ["DmaBufCLI", "DmaBufWire"]),
     ]
 )

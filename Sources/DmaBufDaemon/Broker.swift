@@ -11,27 +11,35 @@ import Glibc
 /// The broker: accepts clients, serves their requests, and keeps every buffer, lease and fence.
 ///
 /// All state is confined to the ``EventLoop`` thread; nothing here is called from elsewhere except
-/// through `loop.execute`. No request blocks on another client: kernel calls are short, and fences are
-/// waited on as readiness events.
+/// through `loop.execute`. No request blocks on another client: kernel calls are short, fences are waited
+/// on as readiness events, and descriptors clients sent are closed on the ``FDCloser`` thread.
+///
+/// Split by concern: sessions, outbox and dispatch here and in `Sessions.swift`; request families in
+/// `Allocation.swift`, `Sharing.swift`, `Leases.swift`, `Inspection.swift`; freeing and revocation in
+/// `Lifetimes.swift`; the books in ``Accounting``; the fd store in `FDStore.swift`.
 public final class Broker: @unchecked Sendable {
     let loop: EventLoop
     var config: DaemonConfig
     let logger: Logger
+    let kernel: KernelBackend
+    let closer: FDCloser
     var resolver: HeapResolver
+    var books = Accounting()
 
     var listener: SharedFD?
+    /// Opened at start and closed to make room when accept hits EMFILE/ENFILE, so the listener can still
+    /// accept (and drop) a connection instead of spinning on a level-triggered readiness it cannot clear.
+    var reserveFD: CInt = -1
+    var listenerBackoff: UInt64?
     var sessions: [CInt: ClientSession] = [:]
     var sessionsByID: [UInt64: ClientSession] = [:]
+    var perUID: [UInt32: UIDCounts] = [:]
     var buffers: [BufferID: BufferRecord] = [:]
     var leases: [LeaseID: Lease] = [:]
     var fences: [UInt64: PendingFence] = [:]
-    var fenceKeysByFD: [CInt: UInt64] = [:]
-    var usage: [UInt32: Usage] = [:]
-    var failures: [String: UInt32] = [:]
-    var heapFailures: [String: UInt32] = [:]
-    var heapUsage: [String: (bytes: UInt64, buffers: UInt32)] = [:]
-    var tokens: [UInt64: BufferID] = [:]
+    var tokens: [UInt64: (buffer: BufferID, session: UInt64, uid: UInt32)] = [:]
     var udev: UdevMonitor?
+    let fdStore: FDStore
     /// DRM nodes seen (by udev or at start), for listings.
     public private(set) var drmNodes: Set<String> = []
     var nextSessionID: UInt64 = 1
@@ -43,11 +51,17 @@ public final class Broker: @unchecked Sendable {
     /// Called on the loop thread once shutdown has finished.
     var onStopped: () -> Void = {}
 
-    public init(config: DaemonConfig, loop: EventLoop, logger: Logger) {
+    public init(config: DaemonConfig, loop: EventLoop, logger: Logger, kernel: KernelBackend? = nil, closer: FDCloser = .shared,
+                fdStore: FDStore? = nil) {
         self.config = config
         self.loop = loop
         self.logger = logger
-        self.resolver = HeapResolver(policies: config.policies, heapDirectory: config.heapDirectory, udmabufDevice: config.udmabufDevice)
+        self.kernel = kernel ?? RealKernel(heapDirectory: config.heapDirectory, udmabufDevice: config.udmabufDevice)
+        self.closer = closer
+        self.fdStore = fdStore ?? FDStore(enabled: config.fdStore && Systemd.isSupervised, directory: config.stateDirectory)
+        let scan = self.kernel.rescan()
+        self.resolver = HeapResolver(policies: config.policies, heapDirectory: config.heapDirectory, udmabufDevice: config.udmabufDevice,
+                                     heaps: scan.heaps, udmabuf: scan.udmabuf)
     }
 
     // MARK: - Start and stop
@@ -66,45 +80,54 @@ public final class Broker: @unchecked Sendable {
                 _ = close(fd)  // neither our listener nor a stored buffer
             }
         }
-        if let listenFD {
-            logger.info("listening on the socket systemd passed in")
-            listener = listenFD
-        } else {
-            let directory = String(config.socketPath[..<(config.socketPath.lastIndex(of: "/") ?? config.socketPath.endIndex)])
-            if !directory.isEmpty { _ = mkdir(directory, 0o755) }
-            let fd = try UnixSocket.listen(path: config.socketPath, kind: .seqpacket).shared()
-            _ = chmod(config.socketPath, mode_t(config.socketMode))
-            logger.info("listening", metadata: ["socket": "\(config.socketPath)", "mode": "\(String(config.socketMode, radix: 8))"])
-            listener = fd
-        }
-        setNonBlocking(listener!.descriptor)
-        try loop.register(listener!.descriptor) { [unowned self] _ in self.acceptClients() }
+        try listen(on: listenFD ?? bindSocket())
         restore(stored)
+        startHotplug()
+        fdStore.notify("READY=1\nSTATUS=serving \(resolver.heaps.count) heaps")
+    }
+
+    private func bindSocket() throws -> SharedFD {
+        let directory = String(config.socketPath[..<(config.socketPath.lastIndex(of: "/") ?? config.socketPath.endIndex)])
+        if !directory.isEmpty { _ = mkdir(directory, 0o755) }
+        let fd = try UnixSocket.listen(path: config.socketPath, kind: .seqpacket).shared()
+        _ = chmod(config.socketPath, mode_t(config.socketMode))
+        logger.info("listening", metadata: ["socket": "\(config.socketPath)", "mode": "\(String(config.socketMode, radix: 8))"])
+        return fd
+    }
+
+    /// Serves connections arriving on `fd` (a listening SOCK_SEQPACKET socket).
+    public func listen(on fd: SharedFD) throws {
+        listener = fd
+        setNonBlocking(fd.descriptor)
+        reserveFD = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        try loop.register(fd.descriptor) { [unowned self] _ in self.acceptClients() }
+    }
+
+    private func startHotplug() {
         if let monitor = UdevMonitor() {
             udev = monitor
-            try loop.register(monitor.descriptor) { [unowned self] _ in self.udevEvent() }
+            try? loop.register(monitor.descriptor) { [unowned self] _ in self.udevEvent() }
             logger.info("hotplug monitoring", metadata: ["source": "\(monitor.source)"])
         } else {
             logger.warning("libudev monitor unavailable: heaps are rescanned only per request")
         }
         drmNodes = Set(DRMDevice.nodes(driver: "vgem") + scanRenderNodes())
         logger.info("heaps", metadata: ["available": "\(resolver.heaps.map(\.name).joined(separator: ", "))"])
-        Systemd.notify("READY=1\nSTATUS=serving \(resolver.heaps.count) heaps")
     }
 
-    /// Stops accepting, then either hands every buffer to systemd's fd store (when supervised with
-    /// `fd_store = yes`) or revokes every lease and waits for holders and fences, bounded by
-    /// `revoke_deadline`, before calling `onStopped`. Loop thread only.
+    /// Stops accepting, then revokes every lease and waits for holders and fences, bounded by
+    /// `revoke_deadline`, before calling `onStopped`. Buffers are already in systemd's fd store (each is
+    /// stored when made), so with `fd_store = yes` under systemd the daemon stops at once instead.
     public func beginShutdown() {
         guard !shuttingDown else { return }
         shuttingDown = true
-        Systemd.notify("STOPPING=1")
+        fdStore.notify("STOPPING=1")
         if let listener {
             loop.unregister(listener.descriptor)
             self.listener = nil
         }
-        if config.fdStore && Systemd.isSupervised {
-            persistToFDStore()
+        if fdStore.enabled {
+            fdStore.writeAll(buffers.values)
             finishShutdown()
             return
         }
@@ -132,174 +155,49 @@ public final class Broker: @unchecked Sendable {
     /// Runs on the loop: tells systemd the daemon is alive. A hung loop never gets here, so the watchdog
     /// restarts it.
     public func pingWatchdog() {
-        Systemd.notify("WATCHDOG=1\nSTATUS=\(sessions.count) clients, \(buffers.count) buffers, \(leases.count) leases")
+        fdStore.notify("WATCHDOG=1\nSTATUS=\(sessions.count) clients, \(buffers.count) buffers, \(leases.count) leases")
     }
 
-    // MARK: - Connections
+    // MARK: - Dispatch
 
-    private func acceptClients() {
-        guard let listener else { return }
-        while true {
-            let fd: SharedFD
-            do {
-                fd = try UnixSocket.accept(listener.descriptor).shared()
-            } catch {
-                return  // EAGAIN: drained; anything else is logged by the next accept
-            }
-            guard let credentials = try? UnixSocket.peerCredentials(fd.descriptor) else { continue }
-            setNonBlocking(fd.descriptor)
-            let session = ClientSession(id: nextSessionID, socket: fd, credentials: credentials, cgroup: cgroupOf(pid: credentials.pid))
-            nextSessionID += 1
-            do {
-                try loop.register(fd.descriptor) { [unowned self] events in self.sessionEvent(session, events) }
-            } catch {
-                continue
-            }
-            sessions[fd.descriptor.rawValue] = session
-            sessionsByID[session.id] = session
-            logger.debug("client connected", metadata: ["uid": "\(credentials.uid)", "pid": "\(credentials.pid)", "cgroup": "\(session.cgroup)"])
-        }
-    }
-
-    private func sessionEvent(_ session: ClientSession, _ events: UInt32) {
-        if events & EPOLLOUT.rawValue != 0 { flush(session) }
-        if events & EPOLLIN.rawValue != 0 {
-            // A bounded batch per wake-up, so one busy client cannot starve the others.
-            for _ in 0..<16 {
-                guard sessions[session.socket.descriptor.rawValue] === session, !session.closing else { return }
-                let message: UnixSocket.Message
-                do {
-                    message = try UnixSocket.receive(session.socket.descriptor, maxBytes: WireLimits.maximumMessageSize + 1,
-                                                     maxFDs: WireLimits.maximumDescriptors, flags: CInt(MSG_DONTWAIT))
-                } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
-                    break
-                } catch {
-                    disconnect(session, reason: "receive failed: \(error)")
-                    return
-                }
-                if message.isEndOfStream {
-                    disconnect(session, reason: "closed by client")
-                    return
-                }
-                receive(session, message)
-            }
-        } else if events & (EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 {
-            disconnect(session, reason: "hung up")
+    /// Serves one decoded request. Throws ``WireError`` for refusals and ``DmaBufError`` for kernel errors;
+    /// both become error replies.
+    func handle(_ session: ClientSession, _ request: Request, fds: [SharedFD]) throws -> (Response, [SharedFD]) {
+        switch request {
+        case .hello(let h): return (.hello(try negotiate(session, h)), [])
+        case .listHeaps: return (.heaps(listHeaps()), [])
+        case .allocate(let a): return try allocate(session, a)
+        case .createUDmabuf(let u): return try createUDmabuf(session, u)
+        case .createUDmabufFromMemfd(let u): return try createUDmabuf(session, u, memfd: fds[0])
+        case .importBuffer(let tag): return try importBuffer(session, tag: tag, fd: fds[0])
+        case .share(let s): return (.share(try share(session, s)), [])
+        case .fetch(let f): return try fetch(session, f)
+        case .release(let id): try release(session, id); return (.ok, [])
+        case .list(let all, let after): return try list(session, all: all, after: after)
+        case .info(let id): return try info(session, id)
+        case .stats: return (.stats(stats(for: session)), [])
+        case .layout(let l): return (.layout(try layout(l, session: session)), [])
+        case .releaseLease(let id): try releaseLease(session, id, fence: fds.first); return (.ok, [])
+        case .attachFence(let f): try attachFence(session, f, fence: fds[0]); return (.ok, [])
+        case .beginAccess(let a): return try beginAccess(session, a)
+        case .revoke(let r): try revoke(session, r); return (.ok, [])
         }
     }
 
-    private func receive(_ session: ClientSession, _ message: UnixSocket.Message) {
-        let decoded: (Header, Request)
-        do {
-            if message.dataTruncated || message.bytes.count > WireLimits.maximumMessageSize {
-                throw WireDecodingError.oversize(message.bytes.count)
-            }
-            if message.surplusFDs > 0 || message.controlTruncated {
-                throw WireDecodingError.wrongDescriptorCount(type: "message", expected: 0...WireLimits.maximumDescriptors,
-                                                             actual: message.fds.count + message.surplusFDs)
-            }
-            decoded = try WireMessage.decodeRequest(message.bytes, descriptors: message.fds.count)
-        } catch let error as WireDecodingError {
-            let requestID = message.bytes.count >= 12 ? message.bytes[8..<12].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) } : 0
-            let errno: Errno
-            switch error {
-            case .oversize: errno = .messageTooLong
-            case .unsupportedVersion: errno = .protocolNotSupported
-            default: errno = .badMessage
-            }
-            logger.notice("malformed message; disconnecting", metadata: ["pid": "\(session.credentials.pid)", "error": "\(error)"])
-            count(errno)
-            send(session, .error(WireError(errno: errno.rawValue, code: error.isVersion ? .unsupportedVersion : .malformed,
-                                           message: "malformed message: \(error) (\(errno.name)); fix the client or update it to protocol v\(WireLimits.currentVersion)")),
-                 requestID: requestID)
-            session.closing = true
-            disconnect(session, reason: "malformed message")
-            return
-        } catch {
-            return
+    func negotiate(_ session: ClientSession, _ hello: Hello) throws -> HelloReply {
+        let version = min(hello.maximumVersion, WireLimits.supportedVersions.upperBound)
+        guard version >= max(hello.minimumVersion, WireLimits.supportedVersions.lowerBound) else {
+            throw Refusal(.protocolNotSupported, .unsupportedVersion,
+                          "no common protocol version: client speaks \(hello.minimumVersion)...\(hello.maximumVersion), dmabufd \(WireLimits.supportedVersions)",
+                          fix: "update the client or the daemon")
         }
-        let (header, request) = decoded
-        if case .hello = request {} else if session.version == nil {
-            count(.protocolError)
-            send(session, .error(WireError(errno: Errno.protocolError.rawValue, code: .malformed,
-                                           message: "the first message must be hello (EPROTO); negotiate the version first")),
-                 requestID: header.requestID)
-            disconnect(session, reason: "no hello")
-            return
-        }
-        do {
-            let (response, fds) = try handle(session, request, fds: message.fds)
-            send(session, response, requestID: header.requestID, fds: fds)
-        } catch let error as WireError {
-            count(Errno(rawValue: error.errno))
-            send(session, .error(error), requestID: header.requestID)
-            if error.code == .unsupportedVersion { disconnect(session, reason: "no common protocol version") }
-        } catch let error as DmaBufError {
-            let errno = error.errno ?? .ioError
-            count(errno)
-            send(session, .error(WireError(errno: errno.rawValue, code: .kernel, message: error.description)), requestID: header.requestID)
-        } catch {
-            count(.ioError)
-            send(session, .error(WireError(errno: Errno.ioError.rawValue, code: .internal, message: "internal error: \(error)")),
-                 requestID: header.requestID)
-        }
-    }
-
-    /// Sends now, or queues behind earlier messages when the socket is full.
-    func send(_ session: ClientSession, _ response: Response, requestID: UInt32, fds: [SharedFD] = []) {
-        let bytes = WireMessage.encode(response, requestID: requestID, descriptors: fds.count)
-        if session.outbox.isEmpty, trySend(session, bytes, fds) { return }
-        guard session.outbox.count < 1024 else {
-            disconnect(session, reason: "client stopped reading")
-            return
-        }
-        session.outbox.append((bytes, fds))
-        loop.modify(session.socket.descriptor, events: EPOLLIN.rawValue | EPOLLOUT.rawValue)
-    }
-
-    private func trySend(_ session: ClientSession, _ bytes: [UInt8], _ fds: [SharedFD]) -> Bool {
-        do {
-            try UnixSocket.send(session.socket.descriptor, bytes: bytes, fds: fds.map(\.descriptor), flags: CInt(MSG_DONTWAIT))
-            return true
-        } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
-            return false
-        } catch {
-            // The peer is gone; the EPOLLHUP that follows cleans up.
-            return true
-        }
-    }
-
-    private func flush(_ session: ClientSession) {
-        while let (bytes, fds) = session.outbox.first {
-            guard trySend(session, bytes, fds) else { return }
-            session.outbox.removeFirst()
-        }
-        loop.modify(session.socket.descriptor, events: EPOLLIN.rawValue)
-    }
-
-    /// Drops a client: its buffers lose their owner (and are freed unless leases or fences keep them),
-    /// its leases count as released (their fences still hold them).
-    func disconnect(_ session: ClientSession, reason: String) {
-        guard sessions[session.socket.descriptor.rawValue] === session else { return }
-        if !session.outbox.isEmpty { flush(session) }
-        loop.unregister(session.socket.descriptor)
-        sessions[session.socket.descriptor.rawValue] = nil
-        sessionsByID[session.id] = nil
-        logger.debug("client gone", metadata: ["pid": "\(session.credentials.pid)", "reason": "\(reason)",
-                                               "buffers": "\(session.owned.count)", "leases": "\(session.leases.count)"])
-        for id in session.owned {
-            guard let record = buffers[id] else { continue }
-            record.ownerSession = nil
-            maybeFree(record)
-        }
-        for leaseID in session.leases {
-            guard let lease = leases[leaseID] else { continue }
-            lease.session = nil
-            lease.released = true
-            maybeEndLease(lease)
-        }
-        session.owned.removeAll()
-        session.leases.removeAll()
+        session.version = version
+        session.clientName = hello.client
+        if let timer = session.helloTimer { loop.cancelTimer(timer) }
+        session.helloTimer = nil
+        return HelloReply(version: version, server: "dmabufd", maximumMessageSize: UInt32(WireLimits.maximumMessageSize),
+                          maximumDescriptors: UInt16(WireLimits.maximumDescriptors), pageSize: UInt32(pageSize),
+                          uid: session.uid, gid: session.credentials.gid, pid: session.credentials.pid)
     }
 
     // MARK: - Hotplug
@@ -310,9 +208,16 @@ public final class Broker: @unchecked Sendable {
         if event.subsystem == "drm", let node = event.devnode {
             if event.action == "remove" { drmNodes.remove(node) } else { drmNodes.insert(node) }
         }
-        if resolver.rescan() {
+        if rescanHeaps() {
             logger.info("heaps changed", metadata: ["available": "\(resolver.heaps.map(\.name).joined(separator: ", "))"])
         }
+    }
+
+    /// Re-reads heaps and reopens devices. True when the set changed.
+    @discardableResult
+    func rescanHeaps() -> Bool {
+        let scan = kernel.rescan()
+        return resolver.update(heaps: scan.heaps, udmabuf: scan.udmabuf)
     }
 
     private func scanRenderNodes() -> [String] {
@@ -321,21 +226,15 @@ public final class Broker: @unchecked Sendable {
 
     // MARK: - Helpers
 
-    func count(_ errno: Errno) {
-        failures[errno.name, default: 0] += 1
-    }
-
     func setNonBlocking(_ fd: FileDescriptor) {
         let flags = CDmaBuf_fcntl(fd.rawValue, F_GETFL, 0)
         _ = CDmaBuf_fcntl(fd.rawValue, F_SETFL, flags | O_NONBLOCK)
     }
 
-    func cgroupOf(pid: Int32) -> String {
-        guard let text = try? SmallFiles.read("/proc/\(pid)/cgroup") else { return "" }
-        for line in text.split(separator: "\n") where line.hasPrefix("0::") {
-            return String(line.dropFirst(3))
-        }
-        return text.split(separator: "\n").first.map(String.init) ?? ""
+    /// True when every book is at its baseline: nothing charged, held, leased, fenced or connected.
+    public var isIdle: Bool {
+        books.isBalanced && buffers.isEmpty && leases.isEmpty && fences.isEmpty && tokens.isEmpty && sessions.isEmpty
+            && perUID.values.allSatisfy(\.isEmpty)
     }
 }
 
@@ -345,4 +244,3 @@ extension WireDecodingError {
         return false
     }
 }
-

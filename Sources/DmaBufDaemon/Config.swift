@@ -34,6 +34,34 @@ public struct DaemonConfig: Sendable, Equatable {
     /// `log_level`: trace, debug, info, notice, warning, error, critical.
     public var logLevel = "info"
 
+    // Bounds on what clients can make the daemon hold. Every one refuses with an error naming the key.
+    /// `max_connections`: connections in total; more are answered with EMFILE and closed.
+    public var maxConnections: UInt32 = 1024
+    /// `max_connections_per_uid`.
+    public var maxConnectionsPerUID: UInt32 = 64
+    /// `hello_timeout`: a connection that has not sent hello by then is closed.
+    public var helloTimeout: Duration = .seconds(5)
+    /// `max_outbox_bytes` / `max_outbox_fds`: unread replies queued per connection before the daemon stops
+    /// reading that client (backpressure); past four times either, the client is dropped.
+    public var maxOutboxBytes: UInt32 = 256 << 10
+    public var maxOutboxFDs: UInt32 = 256
+    /// `max_leases_per_client` / `max_leases_per_uid`: open leases.
+    public var maxLeasesPerClient: UInt32 = 1024
+    public var maxLeasesPerUID: UInt32 = 4096
+    /// `max_tokens_per_client` / `max_tokens_per_uid`: unused one-time tokens.
+    public var maxTokensPerClient: UInt32 = 256
+    public var maxTokensPerUID: UInt32 = 1024
+    /// `max_fences_per_client` / `max_fences_per_uid`: pending fences (attached or on a lease release).
+    public var maxFencesPerClient: UInt32 = 1024
+    public var maxFencesPerUID: UInt32 = 4096
+    /// `max_shares_per_buffer` / `max_shares_per_uid`: uids a buffer is shared with, and the sum over a
+    /// uid's buffers.
+    public var maxSharesPerBuffer: UInt32 = 64
+    public var maxSharesPerUID: UInt32 = 4096
+    /// `fd_store_max`: buffers kept in systemd's fd store; must not exceed the unit's
+    /// `FileDescriptorStoreMax=`. Allocations beyond it are refused (EMFILE) rather than silently not stored.
+    public var fdStoreMax: UInt32 = 16384
+
     public struct Quota: Sendable, Equatable {
         public var bytes: UInt64
         public var buffers: UInt32
@@ -134,6 +162,17 @@ public struct DaemonConfig: Sendable, Equatable {
             fdStore = b
         case "state_directory" where parts.count == 1:
             stateDirectory = value
+        case "hello_timeout" where parts.count == 1:
+            guard let d = parseDuration(value), d > .zero else { throw ConfigValueError(text: "'\(value)' is not a positive duration (like 500ms, 5s)") }
+            helloTimeout = d
+        case "max_outbox_bytes" where parts.count == 1:
+            let bytes = try size()
+            guard bytes > 0, bytes <= UInt64(UInt32.max) else { throw ConfigValueError(text: "'\(value)' must be between 1 and 4G") }
+            maxOutboxBytes = UInt32(bytes)
+        case let name? where parts.count == 1 && Self.boundKeys[name] != nil:
+            let n = try count()
+            guard n > 0 else { throw ConfigValueError(text: "'\(value)' must be positive") }
+            self[keyPath: Self.boundKeys[name]!] = n
         case "log_level" where parts.count == 1:
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
             guard levels.contains(value) else { throw ConfigValueError(text: "'\(value)' is not one of \(levels.joined(separator: ", "))") }
@@ -142,6 +181,17 @@ public struct DaemonConfig: Sendable, Equatable {
             throw ConfigValueError(text: "unknown key")
         }
     }
+
+    /// Count-valued bounds by key.
+    static var boundKeys: [String: WritableKeyPath<DaemonConfig, UInt32>] { [
+        "max_connections": \.maxConnections, "max_connections_per_uid": \.maxConnectionsPerUID,
+        "max_outbox_fds": \.maxOutboxFDs,
+        "max_leases_per_client": \.maxLeasesPerClient, "max_leases_per_uid": \.maxLeasesPerUID,
+        "max_tokens_per_client": \.maxTokensPerClient, "max_tokens_per_uid": \.maxTokensPerUID,
+        "max_fences_per_client": \.maxFencesPerClient, "max_fences_per_uid": \.maxFencesPerUID,
+        "max_shares_per_buffer": \.maxSharesPerBuffer, "max_shares_per_uid": \.maxSharesPerUID,
+        "fd_store_max": \.fdStoreMax,
+    ] }
 
     private func setQuota(_ quota: inout Quota, field: String, size: () throws -> UInt64, count: () throws -> UInt32) throws {
         switch field {

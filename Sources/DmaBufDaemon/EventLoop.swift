@@ -1,5 +1,6 @@
 import CDmaBuf
 import DmaBuf
+import HeapModule
 import SystemPackage
 
 #if canImport(Glibc)
@@ -15,7 +16,10 @@ public final class EventLoop: @unchecked Sendable {
     private let epoll: CInt
     private let wakeFD: CInt
     private var handlers: [CInt: Handler] = [:]
-    private var timers: [(deadline: ContinuousClock.Instant, id: UInt64, action: () -> Void)] = []
+    /// Pending timers by deadline. Cancelling removes the action from `actions` only; the heap entry is
+    /// dropped lazily when it comes due, so cancellation is O(1) and scheduling O(log n).
+    private var timers = Heap<TimerEntry>()
+    private var actions: [UInt64: () -> Void] = [:]
     private var nextTimerID: UInt64 = 1
     private var running = false
     private let lock = Mutex()
@@ -63,12 +67,26 @@ public final class EventLoop: @unchecked Sendable {
     public func schedule(after delay: Duration, _ action: @escaping () -> Void) -> UInt64 {
         let id = nextTimerID
         nextTimerID += 1
-        timers.append((ContinuousClock.now + delay, id, action))
+        timers.insert(TimerEntry(deadline: ContinuousClock.now + delay, id: id))
+        actions[id] = action
         return id
     }
 
+    /// Cancels a timer; a no-op for one that has run or was cancelled.
     public func cancelTimer(_ id: UInt64) {
-        timers.removeAll { $0.id == id }
+        actions[id] = nil
+    }
+
+    /// Timers scheduled and not yet run or cancelled.
+    public var pendingTimers: Int { actions.count }
+
+    /// One iteration: waits up to `timeoutMilliseconds` (-1: until something happens) for events, runs
+    /// their handlers, due timers and queued work. For tests that drive the loop from their own thread.
+    public func runOnce(timeoutMilliseconds: CInt) {
+        var events = [epoll_event](repeating: epoll_event(), count: 64)
+        let timer = nextTimeoutMilliseconds()
+        let timeout = timer < 0 ? timeoutMilliseconds : (timeoutMilliseconds < 0 ? timer : min(timer, timeoutMilliseconds))
+        _ = iterate(&events, timeout: timeout)
     }
 
     /// Queues `action` to run on the loop thread. Safe from any thread.
@@ -88,31 +106,34 @@ public final class EventLoop: @unchecked Sendable {
     /// Runs until ``stop()``. Call from one dedicated thread.
     public func run() {
         var events = [epoll_event](repeating: epoll_event(), count: 64)
-        while true {
-            let timeout = nextTimeoutMilliseconds()
-            let n = events.withUnsafeMutableBufferPointer { epoll_wait(epoll, $0.baseAddress, 64, timeout) }
-            if n < 0 && errno != EINTR { break }
-            for i in 0..<max(Int(n), 0) {
-                let fd = events[i].data.fd
-                if fd == wakeFD {
-                    var value: UInt64 = 0
-                    _ = read(wakeFD, &value, 8)
-                    continue
-                }
-                handlers[fd]?(events[i].events)
+        while iterate(&events, timeout: nextTimeoutMilliseconds()) {}
+    }
+
+    /// One pass of the loop; false once it should stop.
+    private func iterate(_ events: inout [epoll_event], timeout: CInt) -> Bool {
+        let n = events.withUnsafeMutableBufferPointer { epoll_wait(epoll, $0.baseAddress, 64, timeout) }
+        if n < 0 && errno != EINTR { return false }
+        for i in 0..<max(Int(n), 0) {
+            let fd = events[i].data.fd
+            if fd == wakeFD {
+                var value: UInt64 = 0
+                _ = read(wakeFD, &value, 8)
+                continue
             }
-            runDueTimers()
-            let (work, stopping) = lock.withLock { () -> ([() -> Void], Bool) in
-                defer { queued.removeAll() }
-                return (queued, stopRequested)
-            }
-            for action in work { action() }
-            if stopping { break }
+            handlers[fd]?(events[i].events)
         }
+        runDueTimers()
+        let (work, stopping) = lock.withLock { () -> ([() -> Void], Bool) in
+            defer { queued.removeAll() }
+            return (queued, stopRequested)
+        }
+        for action in work { action() }
+        return !stopping
     }
 
     private func nextTimeoutMilliseconds() -> CInt {
-        guard let next = timers.min(by: { $0.deadline < $1.deadline })?.deadline else { return -1 }
+        while let first = timers.min, actions[first.id] == nil { _ = timers.removeMin() }
+        guard let next = timers.min?.deadline else { return -1 }
         let left = next - ContinuousClock.now
         if left <= .zero { return 0 }
         return CInt(clamping: left.wholeMilliseconds + 1)
@@ -120,11 +141,11 @@ public final class EventLoop: @unchecked Sendable {
 
     private func runDueTimers() {
         let now = ContinuousClock.now
-        let due = timers.filter { $0.deadline <= now }.sorted { $0.deadline < $1.deadline }
-        guard !due.isEmpty else { return }
-        let ids = Set(due.map(\.id))
-        timers.removeAll { ids.contains($0.id) }
-        for timer in due { timer.action() }
+        while let first = timers.min, first.deadline <= now {
+            _ = timers.removeMin()
+            // A cancelled timer has no action left: skipped here, which is the lazy half of cancelTimer.
+            if let action = actions.removeValue(forKey: first.id) { action() }
+        }
     }
 
     /// Runs the loop on a new thread and returns once it exits (after ``stop()``).
@@ -149,6 +170,13 @@ public final class EventLoop: @unchecked Sendable {
             }
         }
     }
+}
+
+/// A timer's place in the heap: ordered by deadline, then by id (scheduling order).
+private struct TimerEntry: Comparable {
+    let deadline: ContinuousClock.Instant
+    let id: UInt64
+    static func < (a: TimerEntry, b: TimerEntry) -> Bool { a.deadline == b.deadline ? a.id < b.id : a.deadline < b.deadline }
 }
 
 private final class ThreadBody: @unchecked Sendable {

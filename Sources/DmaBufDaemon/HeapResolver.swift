@@ -25,19 +25,19 @@ public struct HeapResolver: Sendable {
 
     static let cmaAliases = ["linux,cma", "reserved", "default_cma_region"]
 
-    public init(policies: [String: [String]], heapDirectory: String, udmabufDevice: String) {
+    /// - Parameters: heaps, udmabuf: what the kernel backend found (``KernelBackend/rescan()``).
+    public init(policies: [String: [String]], heapDirectory: String, udmabufDevice: String, heaps: [String], udmabuf: Bool) {
         self.policies = policies
         self.heapDirectory = heapDirectory
         self.udmabufDevice = udmabufDevice
-        rescan()
+        update(heaps: heaps, udmabuf: udmabuf)
     }
 
-    /// Re-reads the heap directory and the udmabuf node. Returns true when something changed.
+    /// Takes the kernel's current heap names and udmabuf availability. Returns true when something changed.
     @discardableResult
-    public mutating func rescan() -> Bool {
+    public mutating func update(heaps names: [String], udmabuf: Bool) -> Bool {
         var heaps: [HeapInfo] = []
         var targets: [String: Target] = [:]
-        let names = DmaHeap.available(in: heapDirectory)
         for name in names {
             let kind: String
             if name == "system" { kind = "system" }
@@ -53,7 +53,7 @@ public struct HeapResolver: Sendable {
             heaps.append(HeapInfo(name: "cma", device: "\(heapDirectory)/\(cma)", kind: "cma"))
             targets["cma"] = .heap(kernelName: cma)
         }
-        if access(udmabufDevice, R_OK | W_OK) == 0 {
+        if udmabuf {
             heaps.append(HeapInfo(name: "udmabuf", device: udmabufDevice, kind: "udmabuf"))
             targets["udmabuf"] = .udmabuf
         }

@@ -1,3 +1,4 @@
+import DequeModule
 import DmaBuf
 import DmaBufWire
 
@@ -14,9 +15,19 @@ final class ClientSession {
     var owned: Set<BufferID> = []
     var fetched: Set<BufferID> = []
     var leases: Set<LeaseID> = []
-    /// Messages that did not fit the socket buffer; sent on EPOLLOUT.
-    var outbox: [(bytes: [UInt8], fds: [SharedFD])] = []
+    /// Pending fences this connection attached (bounded by `max_fences_per_client`).
+    var fences = 0
+    /// One-time tokens this connection minted and nobody has used yet.
+    var tokens = 0
+    /// Messages that did not fit the socket buffer; sent on EPOLLOUT. Bounded by `max_outbox_bytes` and
+    /// `max_outbox_fds`: past either, the daemon stops reading this client until it reads its replies.
+    var outbox = Deque<(bytes: [UInt8], fds: [SharedFD])>()
+    var outboxBytes = 0
+    var outboxFDs = 0
+    /// EPOLLIN is off: the client's replies are unread (or the fd closer is full).
+    var readingPaused = false
     var closing = false
+    var helloTimer: UInt64?
 
     init(id: UInt64, socket: SharedFD, credentials: PeerCredentials, cgroup: String) {
         self.id = id
@@ -24,13 +35,15 @@ final class ClientSession {
         self.credentials = credentials
         self.cgroup = cgroup
     }
+
+    var uid: UInt32 { credentials.uid }
 }
 
 /// A buffer the daemon holds a reference to.
 final class BufferRecord {
     let id: BufferID
-    /// The daemon's own reference. Dropping the record closes it.
-    let buffer: DmaBuffer
+    /// The daemon's own reference (a dma-buf). Dropping the record closes it.
+    let fd: SharedFD
     let size: UInt64
     let inode: UInt64
     let heap: String
@@ -38,16 +51,22 @@ final class BufferRecord {
     let name: String
     let ownerUID: UInt32
     let ownerPID: Int32
+    let ownerCgroup: String
     /// The owning session while it is connected and has not released the buffer.
     var ownerSession: UInt64?
     var sharedWith: Set<UInt32> = []
     var generation: UInt32 = 1
     var revoked = false
     var leases: Set<LeaseID> = []
+    /// Unused one-time tokens for this buffer.
+    var tokens: Set<UInt64> = []
     /// Fences attached to page ranges; values are keys into the broker's fence table.
     var fences = IntervalStore<UInt64>()
     /// The memfd behind a udmabuf, kept to read its page runs.
-    var memfd: Memfd?
+    var memfd: SharedFD?
+    /// True when that memfd was made by dmabufd and never left it: only then are its pages the buffer's
+    /// for good (a client can punch holes in its own memfd), so only then are PFNs published.
+    var memfdOwnedByDaemon = false
     /// Page indices of that memfd, in buffer order.
     var memfdRuns: PageRuns?
     /// Physical runs, read once on first authorised request.
@@ -57,20 +76,18 @@ final class BufferRecord {
     var draining = false
     /// Taken back from the fd store and not yet fetched by its owner: kept until the owner adopts it.
     var restored = false
+    /// systemd's fd store holds a copy (FDSTORE=1 succeeded): one more file reference in fdinfo `count`.
+    var stored = false
 
-    init(id: BufferID, buffer: DmaBuffer, size: UInt64, inode: UInt64, heap: String, tag: String, name: String,
-         ownerUID: UInt32, ownerPID: Int32, ownerSession: UInt64?) {
-        self.id = id; self.buffer = buffer; self.size = size; self.inode = inode; self.heap = heap; self.tag = tag
-        self.name = name; self.ownerUID = ownerUID; self.ownerPID = ownerPID; self.ownerSession = ownerSession
+    init(id: BufferID, fd: SharedFD, facts: BufferFacts, heap: String, tag: String, name: String,
+         owner: PeerCredentials, cgroup: String, ownerSession: UInt64?) {
+        self.id = id; self.fd = fd; self.size = facts.size; self.inode = facts.inode; self.heap = heap; self.tag = tag
+        self.name = name; self.ownerUID = owner.uid; self.ownerPID = owner.pid; self.ownerCgroup = cgroup
+        self.ownerSession = ownerSession
     }
 
-    var pages: UInt64 { (size + UInt64(pageSize) - 1) / UInt64(pageSize) }
-
-    /// References to the buffer's file outside the daemon: fdinfo `count` less the daemon's own.
-    var externalReferences: Int {
-        guard let count = try? buffer.info().count else { return 0 }
-        return max(count - 1, 0)
-    }
+    /// Whole pages; cannot overflow (size ≤ max_buffer_size, checked at admission, or a kernel's size).
+    var pages: UInt64 { size / UInt64(pageSize) + (size % UInt64(pageSize) == 0 ? 0 : 1) }
 }
 
 /// A published layout's lease: the buffer stays alive until the holder releases it and every fence
@@ -80,34 +97,40 @@ final class Lease {
     let buffer: BufferID
     /// The holder while connected.
     var session: UInt64?
+    let uid: UInt32
     let generation: UInt32
     var released = false
     /// Keys of fences that must signal before the lease ends.
     var fences: Set<UInt64> = []
     var deadlineTimer: UInt64?
 
-    init(id: LeaseID, buffer: BufferID, session: UInt64, generation: UInt32) {
-        self.id = id; self.buffer = buffer; self.session = session; self.generation = generation
+    init(id: LeaseID, buffer: BufferID, session: UInt64, uid: UInt32, generation: UInt32) {
+        self.id = id; self.buffer = buffer; self.session = session; self.uid = uid; self.generation = generation
     }
 }
 
 /// A sync_file the daemon waits on through the event loop.
 struct PendingFence {
     let key: UInt64
-    let syncFile: SyncFile
+    let syncFile: SharedFD
     let buffer: BufferID
     let since: ContinuousClock.Instant
     /// The session that attached it, told when it signals.
     let session: UInt64?
+    /// Who attached it: counted against that uid's `max_fences_per_uid`.
+    let uid: UInt32
     /// The lease it holds open, if it came with a lease release.
     let lease: LeaseID?
     /// Its entry in the buffer's interval store, if it was attached to a range.
     var interval: IntervalStore<UInt64>.ID?
 }
 
-/// Per-uid accounting.
-struct Usage {
-    var bytes: UInt64 = 0
-    var buffers: UInt32 = 0
-    var refusals: UInt32 = 0
+/// Per-uid counts of bounded things other than buffers (those are in ``Accounting``).
+struct UIDCounts {
+    var connections = 0
+    var leases = 0
+    var fences = 0
+    var tokens = 0
+    var shares = 0
+    var isEmpty: Bool { connections == 0 && leases == 0 && fences == 0 && tokens == 0 && shares == 0 }
 }

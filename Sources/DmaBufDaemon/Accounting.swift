@@ -1,0 +1,126 @@
+import DmaBuf
+import DmaBufWire
+import SystemPackage
+
+/// Per-uid usage.
+struct Usage {
+    var bytes: UInt64 = 0
+    var buffers: UInt32 = 0
+    var refusals: UInt32 = 0
+}
+
+/// The books: who is charged for what, admission against quotas, and the counters `stats` reports.
+///
+/// Charging is keyed by buffer id, so it is idempotent: a buffer is charged at most once and uncharged at
+/// most once, however revocation, disconnects and drain timers interleave.
+struct Accounting {
+    struct Charge { let uid: UInt32; let heap: String; let size: UInt64 }
+
+    private(set) var usage: [UInt32: Usage] = [:]
+    private(set) var heapUsage: [String: (bytes: UInt64, buffers: UInt32)] = [:]
+    private(set) var charges: [BufferID: Charge] = [:]
+    private(set) var failures: [String: UInt32] = [:]
+    private(set) var failuresByUID: [UInt32: [String: UInt32]] = [:]
+    private(set) var heapFailures: [String: UInt32] = [:]
+
+    /// Charges `size` bytes and one buffer to `uid` for buffer `id`. False (and nothing changes) when
+    /// `id` is already charged.
+    @discardableResult
+    mutating func charge(_ id: BufferID, uid: UInt32, heap: String, size: UInt64) -> Bool {
+        guard charges[id] == nil else { return false }
+        charges[id] = Charge(uid: uid, heap: heap, size: size)
+        usage[uid, default: Usage()].bytes &+= size  // sums of admitted sizes: bounded by quotas far below 2^64
+        usage[uid, default: Usage()].buffers &+= 1
+        heapUsage[heap, default: (0, 0)].bytes &+= size
+        heapUsage[heap, default: (0, 0)].buffers &+= 1
+        return true
+    }
+
+    /// Undoes the charge for `id`. False when it was not charged (or already uncharged).
+    @discardableResult
+    mutating func uncharge(_ id: BufferID) -> Bool {
+        guard let charge = charges.removeValue(forKey: id) else { return false }
+        var used = usage[charge.uid] ?? Usage()
+        used.bytes -= min(used.bytes, charge.size)
+        used.buffers -= min(used.buffers, 1)
+        usage[charge.uid] = used.bytes == 0 && used.buffers == 0 && used.refusals == 0 ? nil : used
+        var heap = heapUsage[charge.heap] ?? (0, 0)
+        heap.bytes -= min(heap.bytes, charge.size)
+        heap.buffers -= min(heap.buffers, 1)
+        heapUsage[charge.heap] = heap.buffers == 0 ? nil : heap
+        return true
+    }
+
+    mutating func countFailure(_ errno: Errno, uid: UInt32?) {
+        failures[errno.name, default: 0] &+= 1
+        if let uid { failuresByUID[uid, default: [:]][errno.name, default: 0] &+= 1 }
+    }
+
+    mutating func countHeapFailure(_ heap: String) { heapFailures[heap, default: 0] &+= 1 }
+
+    /// Refuses a request for `count` buffers of `size` bytes each that would break a bound, before the
+    /// kernel is asked. `size` is already ≤ max_buffer_size, so `size * count` (count ≤ 16) cannot overflow.
+    mutating func admit(uid: UInt32, size: UInt64, count: UInt32 = 1, sessionBuffers: Int, config: DaemonConfig,
+                        memAvailable: UInt64?) throws {
+        let total = size * UInt64(count)
+        let quota = config.quota(for: uid)
+        let used = usage[uid] ?? Usage()
+        let overBytes = used.bytes > quota.bytes || total > quota.bytes - used.bytes
+        let overCount = UInt64(used.buffers) + UInt64(count) > UInt64(quota.buffers)
+        if overBytes || overCount {
+            usage[uid, default: Usage()].refusals &+= 1
+            let what = overBytes
+                ? "\(ByteCount(Int(clamping: used.bytes))) held + \(ByteCount(Int(clamping: total))) asked > \(ByteCount(Int(clamping: quota.bytes)))"
+                : "\(used.buffers) buffers held, limit \(quota.buffers)"
+            throw Refusal(.diskQuotaExceeded, .quotaExceeded, "quota exceeded for uid \(uid): \(what)",
+                          fix: "release buffers or raise quota.uid.\(uid) in dmabufd.conf")
+        }
+        guard sessionBuffers + Int(count) <= Int(config.maxBuffersPerClient) else {
+            throw Refusal(.diskQuotaExceeded, .quotaExceeded, "this connection holds \(sessionBuffers) buffers, max_buffers_per_client \(config.maxBuffersPerClient)",
+                          fix: "release some")
+        }
+        if let available = memAvailable, total > available / 2 {
+            throw Refusal(.noMemory, .limit, "\(ByteCount(Int(clamping: total))) would leave too little memory (\(ByteCount(Int(clamping: available))) available)",
+                          fix: "ask for less")
+        }
+    }
+
+    /// Per-heap usage, optionally only for `uid`'s charges.
+    func heapStats(only uid: UInt32?) -> [HeapStats] {
+        var totals: [String: (bytes: UInt64, buffers: UInt32)] = heapUsage
+        if let uid {
+            totals = [:]
+            for charge in charges.values where charge.uid == uid {
+                totals[charge.heap, default: (0, 0)].bytes &+= charge.size
+                totals[charge.heap, default: (0, 0)].buffers &+= 1
+            }
+        }
+        let names = Set(totals.keys).union(uid == nil ? Set(heapFailures.keys) : [])
+        return names.sorted().map {
+            HeapStats(heap: $0, bytes: totals[$0]?.bytes ?? 0, buffers: totals[$0]?.buffers ?? 0, failures: uid == nil ? heapFailures[$0] ?? 0 : 0)
+        }
+    }
+
+    func clientStats(only uid: UInt32?, config: DaemonConfig) -> [ClientStats] {
+        usage.keys.filter { uid == nil || $0 == uid }.sorted().map { uid in
+            let used = usage[uid]!
+            let quota = config.quota(for: uid)
+            return ClientStats(uid: uid, bytes: used.bytes, buffers: used.buffers, quotaBytes: quota.bytes, quotaBuffers: quota.buffers, refusals: used.refusals)
+        }
+    }
+
+    func failureStats(only uid: UInt32?) -> [ErrnoCount] {
+        let table = uid.map { failuresByUID[$0] ?? [:] } ?? failures
+        return table.keys.sorted().map { ErrnoCount(errno: $0, count: table[$0]!) }
+    }
+
+    /// Bytes and buffers charged to `uid` (or everyone).
+    func totals(only uid: UInt32?) -> (bytes: UInt64, buffers: UInt32) {
+        guard let uid else { return heapUsage.values.reduce((0, 0)) { ($0.0 &+ $1.bytes, $0.1 &+ $1.buffers) } }
+        let used = usage[uid] ?? Usage()
+        return (used.bytes, used.buffers)
+    }
+
+    /// True when nothing is charged: the books are back to their baseline.
+    var isBalanced: Bool { charges.isEmpty && heapUsage.isEmpty && usage.values.allSatisfy { $0.bytes == 0 && $0.buffers == 0 } }
+}

@@ -1,0 +1,279 @@
+import CDmaBuf
+import DmaBuf
+import DmaBufWire
+import Logging
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Broker {
+    // MARK: - Connections
+
+    func acceptClients() {
+        guard let listener else { return }
+        while true {
+            let fd: SharedFD
+            do {
+                fd = try UnixSocket.accept(listener.descriptor).shared()
+            } catch let error as DmaBufError where error.errno == .tooManyOpenFiles || error.errno == .tooManyOpenFilesInSystem {
+                shedConnection(listener)
+                return
+            } catch {
+                return  // EAGAIN: drained
+            }
+            guard let credentials = try? UnixSocket.peerCredentials(fd.descriptor) else { continue }
+            adopt(fd, credentials: credentials, cgroup: cgroupOf(pid: credentials.pid))
+        }
+    }
+
+    /// Out of descriptors: accept into the reserve fd's slot and drop that connection at once, then stop
+    /// polling the listener for a while. A level-triggered listener that cannot accept would spin.
+    private func shedConnection(_ listener: SharedFD) {
+        logger.warning("out of file descriptors: refusing connections for 100 ms")
+        if reserveFD >= 0 {
+            _ = close(reserveFD)
+            if let extra = try? UnixSocket.accept(listener.descriptor) { _ = consume extra }
+            reserveFD = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        }
+        loop.unregister(listener.descriptor)
+        listenerBackoff = loop.schedule(after: .milliseconds(100)) { [unowned self] in
+            self.listenerBackoff = nil
+            guard let listener = self.listener else { return }
+            try? self.loop.register(listener.descriptor) { [unowned self] _ in self.acceptClients() }
+        }
+    }
+
+    /// Serves a connected socket as a client with these credentials. Refused (closed at once) beyond
+    /// `max_connections` or `max_connections_per_uid`. Host tests call this with socket pairs.
+    @discardableResult
+    func adopt(_ fd: SharedFD, credentials: PeerCredentials, cgroup: String = "") -> ClientSession? {
+        let uid = credentials.uid
+        guard sessions.count < Int(config.maxConnections), perUID[uid, default: UIDCounts()].connections < Int(config.maxConnectionsPerUID) else {
+            logger.notice("connection refused: over max_connections or max_connections_per_uid", metadata: ["uid": "\(uid)"])
+            let refusal = Refusal(.tooManyOpenFiles, .limit, "too many connections (max_connections \(config.maxConnections), per uid \(config.maxConnectionsPerUID))",
+                                  fix: "close other connections of this uid")
+            _ = try? UnixSocket.send(fd.descriptor, bytes: WireMessage.encode(.error(refusal), requestID: 0), flags: CInt(MSG_DONTWAIT))
+            return nil
+        }
+        setNonBlocking(fd.descriptor)
+        let session = ClientSession(id: nextSessionID, socket: fd, credentials: credentials, cgroup: cgroup)
+        nextSessionID += 1
+        do {
+            try loop.register(fd.descriptor) { [unowned self] events in self.sessionEvent(session, events) }
+        } catch {
+            return nil
+        }
+        sessions[fd.descriptor.rawValue] = session
+        sessionsByID[session.id] = session
+        perUID[uid, default: UIDCounts()].connections += 1
+        session.helloTimer = loop.schedule(after: config.helloTimeout) { [unowned self] in
+            session.helloTimer = nil
+            if session.version == nil { self.disconnect(session, reason: "no hello within hello_timeout") }
+        }
+        logger.debug("client connected", metadata: ["uid": "\(uid)", "pid": "\(credentials.pid)", "cgroup": "\(cgroup)"])
+        return session
+    }
+
+    private func sessionEvent(_ session: ClientSession, _ events: UInt32) {
+        if events & EPOLLOUT.rawValue != 0 { flush(session) }
+        if events & EPOLLIN.rawValue != 0 && !session.readingPaused {
+            readMessages(session)
+        } else if events & (EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 {
+            disconnect(session, reason: "hung up")
+        }
+    }
+
+    /// A bounded batch per wake-up, so one busy client cannot starve the others.
+    private func readMessages(_ session: ClientSession) {
+        for _ in 0..<16 {
+            guard sessions[session.socket.descriptor.rawValue] === session, !session.closing, !session.readingPaused else { return }
+            guard closer.hasRoom else {
+                pauseReading(session, retry: true)
+                return
+            }
+            var message: UnixSocket.Message
+            do {
+                // Room for the most descriptors a message may carry and one more, so the kernel never drops
+                // one silently (MSG_CTRUNC): a surplus shows up as a count, closed by the receive.
+                message = try UnixSocket.receive(session.socket.descriptor, maxBytes: WireLimits.maximumMessageSize + 1,
+                                                 maxFDs: WireLimits.maximumDescriptors + 1, flags: CInt(MSG_DONTWAIT))
+            } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
+                return
+            } catch {
+                disconnect(session, reason: "receive failed: \(error)")
+                return
+            }
+            if message.isEndOfStream {
+                disconnect(session, reason: "closed by client")
+                return
+            }
+            var fds: [SharedFD] = []
+            swap(&fds, &message.fds)
+            receive(session, message, fds: fds)
+            // The client's descriptors are closed off the loop: whatever the request kept stays open.
+            closer.retire(consume fds)
+        }
+    }
+
+    func receive(_ session: ClientSession, _ message: UnixSocket.Message, fds: [SharedFD]) {
+        guard let (header, request) = decode(session, message, fds: fds) else { return }
+        if case .hello = request {} else if session.version == nil {
+            reply(session, header.requestID, error: Refusal(.protocolError, .malformed, "the first message must be hello",
+                                                            fix: "negotiate the version first"))
+            disconnect(session, reason: "no hello")
+            return
+        }
+        do {
+            let (response, replyFDs) = try handle(session, request, fds: fds)
+            send(session, response, requestID: header.requestID, fds: replyFDs)
+        } catch let error as WireError {
+            reply(session, header.requestID, error: error)
+            if error.code == .unsupportedVersion { disconnect(session, reason: "no common protocol version") }
+        } catch let error as DmaBufError {
+            let errno = error.errno ?? .ioError
+            reply(session, header.requestID, error: WireError(errno: errno.rawValue, code: .kernel, message: error.description))
+        } catch {
+            reply(session, header.requestID, error: Refusal(.ioError, .internal, "internal error: \(error)"))
+        }
+    }
+
+    private func reply(_ session: ClientSession, _ requestID: UInt32, error: WireError) {
+        books.countFailure(Errno(rawValue: error.errno), uid: session.uid)
+        send(session, .error(error), requestID: requestID)
+    }
+
+    /// Decodes a message; on a malformed one, replies, disconnects and returns nil.
+    private func decode(_ session: ClientSession, _ message: UnixSocket.Message, fds: [SharedFD]) -> (Header, Request)? {
+        do {
+            if message.dataTruncated || message.bytes.count > WireLimits.maximumMessageSize {
+                throw WireDecodingError.oversize(message.bytes.count)
+            }
+            if message.surplusFDs > 0 || message.controlTruncated {
+                throw WireDecodingError.wrongDescriptorCount(type: "message", expected: 0...WireLimits.maximumDescriptors,
+                                                             actual: fds.count + message.surplusFDs)
+            }
+            return try WireMessage.decodeRequest(message.bytes, descriptors: fds.count)
+        } catch let error as WireDecodingError {
+            let requestID = message.bytes.count >= 12 ? message.bytes[8..<12].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) } : 0
+            let errno: Errno
+            switch error {
+            case .oversize: errno = .messageTooLong
+            case .unsupportedVersion: errno = .protocolNotSupported
+            default: errno = .badMessage
+            }
+            logger.notice("malformed message; disconnecting", metadata: ["pid": "\(session.credentials.pid)", "error": "\(error)"])
+            reply(session, requestID, error: Refusal(errno, error.isVersion ? .unsupportedVersion : .malformed, "malformed message: \(error)",
+                                                     fix: "fix the client or update it to protocol v\(WireLimits.currentVersion)"))
+            session.closing = true
+            disconnect(session, reason: "malformed message")
+            return nil
+        } catch {
+            return nil
+        }
+    }
+
+    // MARK: - Outbox
+
+    /// Sends now, or queues behind earlier messages when the socket is full. Never disconnects and never
+    /// touches the books: a client whose outbox passes `max_outbox_bytes`/`max_outbox_fds` stops being read
+    /// (its requests wait in its socket) until it reads its replies. Events still queue past the bound;
+    /// they are bounded by the client's leases and buffers. Past four times the bound the client is
+    /// dropped, from a timer, never from inside `send`.
+    func send(_ session: ClientSession, _ response: Response, requestID: UInt32, fds: [SharedFD] = []) {
+        guard sessions[session.socket.descriptor.rawValue] === session else { return }
+        let bytes = WireMessage.encode(response, requestID: requestID, descriptors: fds.count)
+        if session.outbox.isEmpty, trySend(session, bytes, fds) { return }
+        session.outbox.append((bytes, fds))
+        session.outboxBytes += bytes.count
+        session.outboxFDs += fds.count
+        if session.outboxBytes > Int(config.maxOutboxBytes) || session.outboxFDs > Int(config.maxOutboxFDs) {
+            pauseReading(session, retry: false)
+            if session.outboxBytes > 4 * Int(config.maxOutboxBytes) || session.outboxFDs > 4 * Int(config.maxOutboxFDs), !session.closing {
+                session.closing = true
+                loop.schedule(after: .zero) { [unowned self] in self.disconnect(session, reason: "client stopped reading its replies") }
+            }
+        } else {
+            loop.modify(session.socket.descriptor, events: (session.readingPaused ? 0 : EPOLLIN.rawValue) | EPOLLOUT.rawValue)
+        }
+    }
+
+    private func trySend(_ session: ClientSession, _ bytes: [UInt8], _ fds: [SharedFD]) -> Bool {
+        do {
+            try UnixSocket.send(session.socket.descriptor, bytes: bytes, fds: fds.map(\.descriptor), flags: CInt(MSG_DONTWAIT | MSG_NOSIGNAL))
+            return true
+        } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
+            return false
+        } catch {
+            // The peer is gone; the EPOLLHUP that follows cleans up.
+            return true
+        }
+    }
+
+    func flush(_ session: ClientSession) {
+        while let (bytes, fds) = session.outbox.first {
+            guard trySend(session, bytes, fds) else { return }
+            session.outbox.removeFirst()
+            session.outboxBytes -= bytes.count
+            session.outboxFDs -= fds.count
+        }
+        session.readingPaused = false
+        loop.modify(session.socket.descriptor, events: EPOLLIN.rawValue)
+    }
+
+    /// Stops reading `session` (keeping EPOLLOUT while its outbox has messages). With `retry`, reading
+    /// resumes from a timer (the fd closer was full); otherwise when the outbox drains.
+    func pauseReading(_ session: ClientSession, retry: Bool) {
+        session.readingPaused = true
+        loop.modify(session.socket.descriptor, events: session.outbox.isEmpty ? 0 : EPOLLOUT.rawValue)
+        guard retry else { return }
+        loop.schedule(after: .milliseconds(10)) { [unowned self] in
+            guard self.sessions[session.socket.descriptor.rawValue] === session, session.outbox.isEmpty else { return }
+            session.readingPaused = false
+            self.loop.modify(session.socket.descriptor, events: EPOLLIN.rawValue)
+        }
+    }
+
+    /// Drops a client: its buffers lose their owner (and are freed unless leases or fences keep them),
+    /// its leases count as released (their fences still hold them).
+    func disconnect(_ session: ClientSession, reason: String) {
+        guard sessions[session.socket.descriptor.rawValue] === session else { return }
+        if !session.outbox.isEmpty { flush(session) }
+        loop.unregister(session.socket.descriptor)
+        sessions[session.socket.descriptor.rawValue] = nil
+        sessionsByID[session.id] = nil
+        perUID[session.uid, default: UIDCounts()].connections -= 1
+        if let timer = session.helloTimer { loop.cancelTimer(timer) }
+        logger.debug("client gone", metadata: ["pid": "\(session.credentials.pid)", "reason": "\(reason)",
+                                               "buffers": "\(session.owned.count)", "leases": "\(session.leases.count)"])
+        let owned = session.owned, held = session.leases
+        session.owned.removeAll()
+        session.leases.removeAll()
+        session.outbox.removeAll()
+        for id in owned {
+            guard let record = buffers[id] else { continue }
+            record.ownerSession = nil
+            maybeFree(record)
+        }
+        for leaseID in held {
+            guard let lease = leases[leaseID] else { continue }
+            lease.session = nil
+            lease.released = true
+            maybeEndLease(lease)
+        }
+        cleanUID(session.uid)
+    }
+
+    func cleanUID(_ uid: UInt32) {
+        if perUID[uid]?.isEmpty == true { perUID[uid] = nil }
+    }
+
+    func cgroupOf(pid: Int32) -> String {
+        guard let text = try? SmallFiles.read("/proc/\(pid)/cgroup") else { return "" }
+        for line in text.split(separator: "\n") where line.hasPrefix("0::") {
+            return String(line.dropFirst(3))
+        }
+        return text.split(separator: "\n").first.map(String.init) ?? ""
+    }
+}

@@ -1,0 +1,121 @@
+import CDmaBuf
+import DmaBuf
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A kernel for host tests. "dma-bufs" are memfds named `fake-dmabuf` (real files, so they travel over
+/// sockets and count as open files), sync_files are eventfds (readable once written: signalled), and a
+/// buffer's reference count is the number of this process's fds open on it — the test client's included,
+/// since client and broker share the process.
+final class FakeKernel: KernelBackend {
+    var heaps = ["system", "linux,cma"]
+    var udmabuf = true
+    /// Heaps whose allocations fail with this errno.
+    var failing: [String: Errno] = [:]
+    var available: UInt64? = 1 << 40
+    var limits = UDmabuf.Limits(sizeLimitMB: 64, listLimit: 1024)
+    private(set) var names: [CInt: String] = [:]
+    private(set) var imports = 0
+    private(set) var rescans = 0
+
+    func rescan() -> (heaps: [String], udmabuf: Bool) {
+        rescans += 1
+        return (heaps, udmabuf)
+    }
+
+    static func makeBuffer(size: UInt64) throws -> SharedFD {
+        let page = UInt64(pageSize)
+        return try Memfd(name: "fake-dmabuf", size: Int((size + page - 1) / page * page), seals: []).fd
+    }
+
+    func allocate(heap: String, size: UInt64, fdFlags: UInt32, heapFlags: UInt64) throws -> SharedFD {
+        guard heaps.contains(heap) else { throw DmaBufError("fake", .noSuchFileOrDirectory, "no heap \(heap)") }
+        if let errno = failing[heap] { throw DmaBufError("dma-heap '\(heap)'", errno, "fake failure") }
+        return try FakeKernel.makeBuffer(size: size)
+    }
+
+    func createUDmabuf(size: UInt64, hugePages: Bool) throws -> DaemonUDmabuf {
+        guard udmabuf else { throw DmaBufError("udmabuf", .noSuchFileOrDirectory, "no udmabuf") }
+        if let errno = failing["udmabuf"] { throw DmaBufError("udmabuf", errno, "fake failure") }
+        let memfd = try Memfd(name: "dmabufd", size: Int(size))
+        let rounded = UInt64(try memfd.size())
+        return DaemonUDmabuf(buffer: try FakeKernel.makeBuffer(size: rounded), memfd: memfd.fd, size: rounded)
+    }
+
+    func createUDmabuf(memfd: SharedFD, ranges: [(offset: UInt64, size: UInt64)]) throws -> SharedFD {
+        try FakeKernel.makeBuffer(size: ranges.reduce(0) { $0 + $1.size })
+    }
+
+    func setName(_ buffer: SharedFD, _ name: String) throws { names[buffer.descriptor.rawValue] = name }
+
+    func facts(_ buffer: SharedFD) throws -> BufferFacts {
+        var st = stat()
+        guard fstat(buffer.descriptor.rawValue, &st) == 0 else { throw DmaBufError("fake", Errno(rawValue: errno), "fstat") }
+        return BufferFacts(size: UInt64(st.st_size), inode: UInt64(st.st_ino))
+    }
+
+    func referenceCount(_ buffer: SharedFD) -> Int? {
+        guard let inode = try? facts(buffer).inode else { return nil }
+        return FakeKernel.openFDs().filter { link($0).hasPrefix("/memfd:fake-dmabuf") && FakeKernel.inode(of: $0) == inode }.count
+    }
+
+    func exporter(_ buffer: SharedFD) -> String? { kind(of: buffer) == .dmaBuf ? "fake" : nil }
+
+    func kind(of fd: SharedFD) -> FdKind {
+        let target = link(fd.descriptor.rawValue)
+        if target.hasPrefix("/memfd:fake-dmabuf") { return .dmaBuf }
+        if target == "anon_inode:[eventfd]" { return .syncFile }
+        return identifyFdKind(fd.descriptor)
+    }
+
+    func importFence(_ fence: SharedFD, into buffer: SharedFD, write: Bool) throws { imports += 1 }
+
+    func mergeFences(_ fences: [SharedFD]) throws -> SharedFD? {
+        guard !fences.isEmpty else { return nil }
+        let merged = FakeFence()
+        if fences.allSatisfy(FakeFence.isSignaled) { merged.signal() }
+        return merged.fd
+    }
+
+    func physicalRuns(memfd: SharedFD, pages: PageRuns) throws -> PageRuns {
+        PageRuns(runs: pages.map { PageRun(start: $0.start + 1000, pages: $0.pages) })
+    }
+
+    func memAvailable() -> UInt64? { available }
+    func udmabufLimits() -> UDmabuf.Limits { limits }
+
+    // MARK: - fd helpers
+
+    func link(_ fd: CInt) -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        let n = readlink("/proc/self/fd/\(fd)", &buffer, 255)
+        return n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
+    }
+
+    static func inode(of fd: CInt) -> UInt64? {
+        var st = stat()
+        return fstat(fd, &st) == 0 ? UInt64(st.st_ino) : nil
+    }
+
+    static func openFDs() -> [CInt] {
+        ((try? SmallFiles.entries(of: "/proc/self/fd")) ?? []).compactMap { CInt($0) }
+    }
+}
+
+
+/// A fake sync_file: an eventfd, signalled by writing to it.
+struct FakeFence {
+    let fd: SharedFD
+    init() { fd = SharedFD(adopting: eventfd(0, CInt(EFD_CLOEXEC | EFD_NONBLOCK))) }
+    func signal() {
+        var one: UInt64 = 1
+        _ = write(fd.descriptor.rawValue, &one, 8)
+    }
+    static func isSignaled(_ fd: SharedFD) -> Bool {
+        var p = pollfd(fd: fd.descriptor.rawValue, events: Int16(POLLIN), revents: 0)
+        return poll(&p, 1, 0) == 1
+    }
+}

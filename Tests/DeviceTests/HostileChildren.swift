@@ -238,7 +238,7 @@ struct Attacker {
             do {
                 _ = try UnixSocket.send(fd, bytes: bytes, flags: CInt(MSG_DONTWAIT))
                 sent += 1
-            } catch Errno.resourceTemporarilyUnavailable {
+            } catch let error as DmaBufError where error.errno == .resourceTemporarilyUnavailable || error.errno == .wouldBlock {
                 var p = [pollfd(fd: fd.rawValue, events: Int16(POLLOUT), revents: 0)]
                 if poll(&p, 1, 2000) <= 0 {
                     ending = "stalled"

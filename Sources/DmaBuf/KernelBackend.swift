@@ -83,16 +83,18 @@ public struct TrustedFdInfo: Sendable, Equatable {
     }
 }
 
-/// Identifies a descriptor's kind without blocking: the `/proc/self/fd` link names anonymous inodes
-/// (`anon_inode:dmabuf`, `anon_inode:sync_file`) without calling into the file, and `F_GET_SEALS`
-/// answers only for shmem/hugetlbfs files, from the file's own flags. Neither reaches a client-chosen
-/// filesystem, socket or driver (unlike `fstat` on FUSE or an `ioctl`).
+/// Identifies a descriptor's kind without blocking: the `/proc/self/fd` link names dma-bufs (`/dmabuf:`,
+/// their pseudo-filesystem; `anon_inode:dmabuf` on old kernels) and sync_files (`anon_inode:sync_file`)
+/// without calling into the file, and `F_GET_SEALS` answers only for shmem/hugetlbfs files, from the
+/// file's own flags. Neither reaches a client-chosen filesystem, socket or driver (unlike `fstat` on FUSE
+/// or an `ioctl`). A link is path text, so callers confirm a dma-buf with fdinfo's `exp_name` (which no
+/// other file has, and which the kernel prints before any client-set name).
 public func identifyFdKind(_ fd: FileDescriptor) -> FdKind {
     var buffer = [CChar](repeating: 0, count: 64)
     let n = readlink("/proc/self/fd/\(fd.rawValue)", &buffer, buffer.count - 1)
     if n > 0 {
         let link = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        if link == "anon_inode:dmabuf" { return .dmaBuf }
+        if link == "anon_inode:dmabuf" || link.hasPrefix("/dmabuf:") { return .dmaBuf }
         if link == "anon_inode:sync_file" { return .syncFile }
         if link.hasPrefix("anon_inode:") || link.hasPrefix("socket:") || link.hasPrefix("pipe:") { return .other }
     }
@@ -200,7 +202,12 @@ public final class RealKernel: KernelBackend {
 
     public func referenceCount(_ buffer: SharedFD) -> Int? { trusted(buffer)?.count }
     public func exporter(_ buffer: SharedFD) -> String? { trusted(buffer)?.exporter }
-    public func kind(of fd: SharedFD) -> FdKind { identifyFdKind(fd.descriptor) }
+    public func kind(of fd: SharedFD) -> FdKind {
+        let kind = identifyFdKind(fd.descriptor)
+        // Confirmed from fdinfo: reading it does not call into the file's filesystem or driver.
+        if kind == .dmaBuf && exporter(fd) == nil { return .other }
+        return kind
+    }
 
     public func importFence(_ fence: SharedFD, into buffer: SharedFD, write: Bool) throws {
         try DmaBuffer(shared: buffer).importSyncFile(SyncFile(shared: fence), access: write ? .write : .read)

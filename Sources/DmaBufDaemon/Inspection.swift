@@ -24,7 +24,7 @@ extension Broker {
             throw Refusal(.notPermitted, .permissionDenied, "listing every buffer is for root", fix: "list your own without --all")
         }
         let records = buffers.values.filter {
-            $0.id > after && !$0.draining
+            $0.id > after
                 && (all || $0.ownerSession == session.id || session.fetched.contains($0.id) || ($0.ownerUID == uid && $0.ownerSession == nil))
         }
         // As many as fit one message; the client asks again after the last id while `more` is set.

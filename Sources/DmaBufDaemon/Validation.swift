@@ -19,7 +19,7 @@ enum Validate {
     /// Tags: at most ``maximumTagLength`` bytes of `[A-Za-z0-9._+-]`. Tags end up in dma-buf names, logs,
     /// listings and fd-store metadata; a safe set keeps control characters, separators and terminal
     /// escapes out of all of them.
-    static let maximumTagLength = 24
+    static let maximumTagLength = 32
     static let tagCharacters = "[A-Za-z0-9._+-]"
 
     static func tag(_ tag: String) throws {

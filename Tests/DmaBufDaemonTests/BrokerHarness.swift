@@ -105,6 +105,17 @@ final class TestClient {
         return id
     }
 
+    /// Sends without waiting; false when the socket is full (the broker is not reading).
+    func send(_ request: Request, dontWait: Bool) throws -> Bool {
+        do {
+            try UnixSocket.send(socket!.descriptor, bytes: WireMessage.encode(request, requestID: nextID), flags: CInt(MSG_DONTWAIT))
+            nextID += 1
+            return true
+        } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
+            return false
+        }
+    }
+
     func sendRaw(_ bytes: [UInt8], fds: [SharedFD] = []) throws {
         try UnixSocket.send(socket!.descriptor, bytes: bytes, fds: fds.map(\.descriptor))
     }

@@ -76,5 +76,6 @@ let package = Package(
         .testTarget(name: "DmaBufWireTests", dependencies: ["DmaBufWire", "DmaBufTypes"]),
         .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf"]),
         .testTarget(name: "DmaBufCLITests", dependencies: ["DmaBufCLI", "DmaBufWire"]),
+        .testTarget(name: "DmaBufClientTests", dependencies: ["DmaBufClient", "DmaBufWire", "DmaBuf"]),
     ]
 )

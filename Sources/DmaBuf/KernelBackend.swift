@@ -57,6 +57,10 @@ public protocol KernelBackend: AnyObject {
     func memAvailable() -> UInt64?
     /// The udmabuf module limits, cached until the next rescan.
     func udmabufLimits() -> UDmabuf.Limits
+    /// Total and free bytes behind a heap of `kind` (`cma`: CmaTotal/CmaFree); 0 when unknown.
+    func heapTotals(kind: String) -> (total: UInt64, free: UInt64)
+    /// `/sys/module/dma_heap/parameters/mem_accounting` reads Y: the system heap charges memory cgroups.
+    func memAccounting() -> Bool
 }
 
 /// The first occurrence of `size:`, `count:` and `exp_name:` in dma-buf fdinfo. The kernel prints those
@@ -83,16 +87,18 @@ public struct TrustedFdInfo: Sendable, Equatable {
     }
 }
 
-/// Identifies a descriptor's kind without blocking: the `/proc/self/fd` link names anonymous inodes
-/// (`anon_inode:dmabuf`, `anon_inode:sync_file`) without calling into the file, and `F_GET_SEALS`
-/// answers only for shmem/hugetlbfs files, from the file's own flags. Neither reaches a client-chosen
-/// filesystem, socket or driver (unlike `fstat` on FUSE or an `ioctl`).
+/// Identifies a descriptor's kind without blocking: the `/proc/self/fd` link names dma-bufs (`/dmabuf:`,
+/// their pseudo-filesystem; `anon_inode:dmabuf` on old kernels) and sync_files (`anon_inode:sync_file`)
+/// without calling into the file, and `F_GET_SEALS` answers only for shmem/hugetlbfs files, from the
+/// file's own flags. Neither reaches a client-chosen filesystem, socket or driver (unlike `fstat` on FUSE
+/// or an `ioctl`). A link is path text, so callers confirm a dma-buf with fdinfo's `exp_name` (which no
+/// other file has, and which the kernel prints before any client-set name).
 public func identifyFdKind(_ fd: FileDescriptor) -> FdKind {
     var buffer = [CChar](repeating: 0, count: 64)
     let n = readlink("/proc/self/fd/\(fd.rawValue)", &buffer, buffer.count - 1)
     if n > 0 {
         let link = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        if link == "anon_inode:dmabuf" { return .dmaBuf }
+        if link == "anon_inode:dmabuf" || link.hasPrefix("/dmabuf:") { return .dmaBuf }
         if link == "anon_inode:sync_file" { return .syncFile }
         if link.hasPrefix("anon_inode:") || link.hasPrefix("socket:") || link.hasPrefix("pipe:") { return .other }
     }
@@ -200,7 +206,12 @@ public final class RealKernel: KernelBackend {
 
     public func referenceCount(_ buffer: SharedFD) -> Int? { trusted(buffer)?.count }
     public func exporter(_ buffer: SharedFD) -> String? { trusted(buffer)?.exporter }
-    public func kind(of fd: SharedFD) -> FdKind { identifyFdKind(fd.descriptor) }
+    public func kind(of fd: SharedFD) -> FdKind {
+        let kind = identifyFdKind(fd.descriptor)
+        // Confirmed from fdinfo: reading it does not call into the file's filesystem or driver.
+        if kind == .dmaBuf && exporter(fd) == nil { return .other }
+        return kind
+    }
 
     public func importFence(_ fence: SharedFD, into buffer: SharedFD, write: Bool) throws {
         try DmaBuffer(shared: buffer).importSyncFile(SyncFile(shared: fence), access: write ? .write : .read)
@@ -225,18 +236,27 @@ public final class RealKernel: KernelBackend {
     public func memAvailable() -> UInt64? {
         let now = ContinuousClock.now
         if let memory, now - memory.at < .milliseconds(100) { return memory.value }
-        let value = (try? SmallFiles.read("/proc/meminfo")).flatMap(parseMemAvailable)
+        let value = (try? SmallFiles.read("/proc/meminfo")).flatMap { meminfoField($0, "MemAvailable:") }
         memory = (value, now)
         return value
     }
 
     public func udmabufLimits() -> UDmabuf.Limits { limits }
+
+    public func heapTotals(kind: String) -> (total: UInt64, free: UInt64) {
+        guard kind == "cma", let text = try? SmallFiles.read("/proc/meminfo") else { return (0, 0) }
+        return (meminfoField(text, "CmaTotal:") ?? 0, meminfoField(text, "CmaFree:") ?? 0)
+    }
+
+    public func memAccounting() -> Bool {
+        (try? SmallFiles.read("/sys/module/dma_heap/parameters/mem_accounting"))?.hasPrefix("Y") ?? false
+    }
 }
 
-/// `MemAvailable:` of /proc/meminfo text, in bytes.
-public func parseMemAvailable(_ text: String) -> UInt64? {
-    for line in text.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
-        let digits = line.dropFirst(13).drop { $0 == " " }.prefix { $0.isNumber }
+/// A `Key: N kB` field of /proc/meminfo text, in bytes.
+public func meminfoField(_ text: String, _ key: String) -> UInt64? {
+    for line in text.split(separator: "\n") where line.hasPrefix(key) {
+        let digits = line.dropFirst(key.count).drop { $0 == " " }.prefix { $0.isNumber }
         guard let kb = UInt64(digits) else { return nil }
         let (bytes, overflow) = kb.multipliedReportingOverflow(by: 1024)
         return overflow ? nil : bytes

@@ -71,7 +71,7 @@ enum DaemonTests {
         },
         DeviceTest("daemon.name-cut-to-kernel-limit", requires: system) {
             try withDaemon { daemon in
-                let buffer = try daemon.connect().allocate(size: 4096, heap: "system", tag: String(repeating: "t", count: 60))
+                let buffer = try daemon.connect().allocate(size: 4096, heap: "system", tag: String(repeating: "t", count: 32))
                 try expectEqual(buffer.info.name.utf8.count, DmaBuffer.maximumNameLength, "name length")
                 try expectEqual(try buffer.buffer.info().name, buffer.info.name, "kernel name")
             }
@@ -397,10 +397,10 @@ enum DaemonTests {
             }
         },
         DeviceTest("daemon.list-paginates-past-one-message", requires: system) {
-            // ~700 buffers with long tags (about 130 bytes each) take two 64 KiB replies.
+            // ~700 buffers with the longest tags (32 bytes, about 130 bytes an entry) take two 64 KiB replies.
             try withDaemon(config: "quota.default.buffers = 5000\nmax_buffers_per_client = 5000") { daemon in
                 let connection = try daemon.connect()
-                let tag = String(repeating: "x", count: 40)
+                let tag = String(repeating: "x", count: 32)
                 var keep: [RemoteBuffer] = []
                 for _ in 0..<700 { keep.append(try connection.allocate(size: 4096, heap: "system", tag: tag)) }
                 let listed = try connection.list(all: true)

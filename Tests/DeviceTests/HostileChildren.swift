@@ -234,7 +234,7 @@ struct Attacker {
         var ending = "limit"
         while sent < limit {
             let request: Request = sent % 2 == 0 ? .info(buffer) : .list(all: false)
-            let bytes = WireMessage.encode(request, requestID: UInt32(sent + 1000))
+            let bytes = WireMessage.encode(request, requestID: UInt32(sent + 1000), version: connection.server.version)
             do {
                 _ = try UnixSocket.send(fd, bytes: bytes, flags: CInt(MSG_DONTWAIT))
                 sent += 1
@@ -305,7 +305,7 @@ struct Attacker {
             throw DmaBufError("tcp", Errno(rawValue: errno), "SO_LINGER failed")
         }
         // Sent without waiting for the answer: on today's main the daemon's loop blocks in close().
-        let bytes = WireMessage.encode(.importBuffer(tag: "linger"), requestID: 7, descriptors: 1)
+        let bytes = WireMessage.encode(.importBuffer(tag: "linger"), requestID: 7, descriptors: 1, version: try main.server.version)
         _ = try UnixSocket.send(try main.socket.descriptor, bytes: bytes, fds: [clientFD.descriptor])
         return "\(queued)"
     }

@@ -29,13 +29,14 @@ private let liveness: Duration = .seconds(20)
 private let floodAttempts = 10_000
 
 /// A raw client that never blocks for longer than it is told: used to tell a frozen daemon from a slow one.
+/// It speaks protocol v1 (v1 encodings are what `WireMessage.encode` writes by default).
 final class TimedClient {
     let socket: SharedFD
     private var nextID: UInt32 = 1
 
     init(path: String, timeout: Duration = liveness) throws {
         socket = try UnixSocket.connect(path: path).shared()
-        guard let (reply, _) = try call(.hello(Hello(client: "hostile-bystander")), timeout: timeout), case .hello = reply else {
+        guard let (reply, _) = try call(.hello(Hello(minimumVersion: 1, maximumVersion: 1, client: "hostile-bystander")), timeout: timeout), case .hello = reply else {
             throw TestFailure(description: "the daemon did not answer a new client's hello within \(timeout)")
         }
     }
@@ -504,7 +505,7 @@ func cpuTicks(_ pid: pid_t) -> Int {
 /// Stats over the baseline probe's socket with a bound on the wait (the probe itself blocks forever).
 func baselineProbeStats(_ baseline: Baseline) throws -> (Response, [SharedFD])? {
     let socket = baseline.probe.socket
-    _ = try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(.stats, requestID: 0x7fff_0001))
+    _ = try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(.stats, requestID: 0x7fff_0001, version: baseline.probe.server.version))
     let deadline = ContinuousClock.now + liveness
     while ContinuousClock.now < deadline {
         var p = [pollfd(fd: socket.descriptor.rawValue, events: Int16(POLLIN), revents: 0)]

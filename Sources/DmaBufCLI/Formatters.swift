@@ -287,22 +287,19 @@ public func openMetrics(stats: Stats) -> String {
            stats.heaps.map { (heap($0), "\($0.buffers)") })
     family("dmabufd_heap_allocation_failures", "counter", "Allocations each heap failed.",
            stats.heaps.map { (heap($0), "\($0.failures)") })
-    family("dmabufd_client_allocated_bytes", "gauge", "Bytes each client uid holds.", unit: "bytes",
-           stats.clients.map { (uid($0), "\($0.bytes)") })
-    family("dmabufd_client_buffers", "gauge", "Buffers each client uid holds.", stats.clients.map { (uid($0), "\($0.buffers)") })
-    family("dmabufd_client_quota_bytes", "gauge", "Each client uid's byte quota, where one is set.", unit: "bytes",
-           stats.clients.filter { $0.quotaBytes != 0 && $0.quotaBytes != .max }.map { (uid($0), "\($0.quotaBytes)") })
+    /// The families of one usage table (per uid, per cgroup): bytes, buffers, byte quota where set, refusals.
+    func usage(_ prefix: String, _ whose: String, _ rows: [(labels: String, bytes: UInt64, buffers: UInt32, quota: UInt64, refusals: UInt32)]) {
+        family("dmabufd_\(prefix)_allocated_bytes", "gauge", "Bytes held by \(whose).", unit: "bytes", rows.map { ($0.labels, "\($0.bytes)") })
+        family("dmabufd_\(prefix)_buffers", "gauge", "Buffers held by \(whose).", rows.map { ($0.labels, "\($0.buffers)") })
+        family("dmabufd_\(prefix)_quota_bytes", "gauge", "The byte quota of \(whose), where one is set.", unit: "bytes",
+               rows.filter { $0.quota != 0 && $0.quota != .max }.map { ($0.labels, "\($0.quota)") })
+        family("dmabufd_\(prefix)_refusals", "counter", "Requests refused for \(whose) (quota, permission).",
+               rows.map { ($0.labels, "\($0.refusals)") })
+    }
+    usage("client", "each client uid", stats.clients.map { (uid($0), $0.bytes, $0.buffers, $0.quotaBytes, $0.refusals) })
     family("dmabufd_client_quota_buffers", "gauge", "Each client uid's buffer quota, where one is set.",
            stats.clients.filter { $0.quotaBuffers != 0 && $0.quotaBuffers != .max }.map { (uid($0), "\($0.quotaBuffers)") })
-    family("dmabufd_client_refusals", "counter", "Requests refused for each client uid (quota, permission).",
-           stats.clients.map { (uid($0), "\($0.refusals)") })
-    family("dmabufd_cgroup_allocated_bytes", "gauge", "Bytes held by buffers whose owners are in each cgroup.", unit: "bytes",
-           stats.cgroups.map { (cgroup($0), "\($0.bytes)") })
-    family("dmabufd_cgroup_buffers", "gauge", "Buffers whose owners are in each cgroup.", stats.cgroups.map { (cgroup($0), "\($0.buffers)") })
-    family("dmabufd_cgroup_quota_bytes", "gauge", "Each cgroup's byte quota, where one is set.", unit: "bytes",
-           stats.cgroups.filter { $0.quotaBytes != 0 && $0.quotaBytes != .max }.map { (cgroup($0), "\($0.quotaBytes)") })
-    family("dmabufd_cgroup_refusals", "counter", "Requests refused for owners in each cgroup.",
-           stats.cgroups.map { (cgroup($0), "\($0.refusals)") })
+    usage("cgroup", "owners in each cgroup", stats.cgroups.map { (cgroup($0), $0.bytes, $0.buffers, $0.quotaBytes, $0.refusals) })
     family("dmabufd_failures", "counter", "Failed requests by errno.",
            stats.failures.map { ("{errno=\"\(escapeLabel($0.errno))\"}", "\($0.count)") })
     out += "# EOF\n"

@@ -23,11 +23,8 @@ public enum WireMessage {
         let magic = try reader.u32("magic")
         guard magic == WireLimits.magic else { throw .badMagic(magic) }
         let version = try reader.u16("version")
-        if let negotiated {
-            guard version == negotiated else { throw .versionMismatch(negotiated: negotiated, header: version) }
-        } else {
-            guard WireLimits.supportedVersions.contains(version) else { throw .unsupportedVersion(version) }
-        }
+        guard WireLimits.supportedVersions.contains(version) else { throw .unsupportedVersion(version) }
+        if let negotiated, version != negotiated { throw .versionMismatch(negotiated: negotiated, header: version) }
         let type = try reader.u16("type")
         let requestID = try reader.u32("request_id")
         let length = try reader.u32("payload_length")

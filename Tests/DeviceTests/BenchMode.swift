@@ -167,18 +167,18 @@ enum Bench {
             var a: [Double] = [], b: [Double] = [], c: [Double] = []
             for i in 0..<41 {
                 let t0 = nowNS()
-                try UnixSocket.send(socket, bytes: WireMessage.encode(request, requestID: UInt32(1000 + i)))
+                try UnixSocket.send(socket, bytes: WireMessage.encode(request, requestID: UInt32(1000 + i), version: connection.version))
                 var p = [pollfd(fd: socket.rawValue, events: Int16(POLLIN), revents: 0)]
                 _ = poll(&p, 1, -1)
                 let t1 = nowNS()
                 let m = try UnixSocket.receive(socket, maxBytes: WireLimits.maximumMessageSize, maxFDs: 16)
                 let t2 = nowNS()
-                let (_, response) = try WireMessage.decodeResponse(m.bytes, descriptors: m.fds.count)
+                let (_, response) = try WireMessage.decodeResponse(m.bytes, descriptors: m.fds.count, version: connection.version)
                 let t3 = nowNS()
                 a.append(Double(t1 - t0)); b.append(Double(t2 - t1)); c.append(Double(t3 - t2))
                 if case .buffer(let info) = response {
                     _ = consume m
-                    try UnixSocket.send(socket, bytes: WireMessage.encode(.release(info.id), requestID: 1))
+                    try UnixSocket.send(socket, bytes: WireMessage.encode(.release(info.id), requestID: 1, version: connection.version))
                     _ = try UnixSocket.receive(socket, maxBytes: WireLimits.maximumMessageSize, maxFDs: 16)
                 }
             }

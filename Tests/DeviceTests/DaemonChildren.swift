@@ -31,7 +31,7 @@ enum DaemonChildren {
             case "daemon-die-mid-request":
                 // Sends an allocation and dies before reading the reply.
                 let connection = try DmaBufConnection(path: arguments[0], clientName: "mid-request")
-                let bytes = WireMessage.encode(.allocate(AllocateRequest(size: 1 << 20, heap: "system", tag: "mid")), requestID: 99)
+                let bytes = WireMessage.encode(.allocate(AllocateRequest(size: 1 << 20, heap: "system", tag: "mid")), requestID: 99, version: connection.version)
                 try UnixSocket.send(connection.socket.descriptor, bytes: bytes)
                 raise(SIGKILL)
                 return 1

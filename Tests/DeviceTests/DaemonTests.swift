@@ -15,7 +15,7 @@ private let both: [Requirement] = [.heap("system"), .udmabuf, .root]
 private func rawExchange(_ daemon: TestDaemon, _ bytes: [UInt8], fds: [FileDescriptor] = [], hello: Bool = true) throws -> Response {
     let socket = try UnixSocket.connect(path: daemon.socketPath).shared()
     if hello {
-        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(.hello(Hello(client: "raw")), requestID: 1))
+        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(.hello(Hello(maximumVersion: 1, client: "raw")), requestID: 1))
         _ = try UnixSocket.receive(socket.descriptor, maxBytes: WireLimits.maximumMessageSize)
     }
     try UnixSocket.send(socket.descriptor, bytes: bytes, fds: fds)
@@ -45,7 +45,7 @@ enum DaemonTests {
         DeviceTest("daemon.hello-negotiates-v1", requires: system) {
             try withDaemon { daemon in
                 let connection = try daemon.connect()
-                try expectEqual(connection.server.version, 1, "version")
+                try expectEqual(connection.server.version, WireLimits.currentVersion, "version")
                 try expectEqual(connection.server.uid, 0, "uid seen through SO_PEERCRED")
                 try expectEqual(connection.server.pid, getpid(), "pid seen through SO_PEERCRED")
                 try expectEqual(Int(connection.server.pageSize), pageSize, "page size")
@@ -322,7 +322,7 @@ enum DaemonTests {
         },
         DeviceTest("daemon.version-negotiation-refuses-future-only", requires: system) {
             try withDaemon { daemon in
-                let response = try rawExchange(daemon, WireMessage.encode(.hello(Hello(minimumVersion: 2, maximumVersion: 5, client: "future")), requestID: 1), hello: false)
+                let response = try rawExchange(daemon, WireMessage.encode(.hello(Hello(minimumVersion: 3, maximumVersion: 5, client: "future")), requestID: 1), hello: false)
                 try expectMalformed(response, .protocolNotSupported, "no common protocol version")
             }
         },

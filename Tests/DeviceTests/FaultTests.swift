@@ -241,10 +241,10 @@ struct FaultCycles {
             case 2 where !held.isEmpty: request = .layout(LayoutRequest(buffer: held.randomElement(using: &rng)!.info.id))
             default: request = .info(held.randomElement(using: &rng)?.info.id ?? 1)
             }
-            try UnixSocket.send(socket, bytes: WireMessage.encode(request, requestID: 999_999))
+            try UnixSocket.send(socket, bytes: WireMessage.encode(request, requestID: 999_999, version: connection.version))
             note("reply-unread")
         case 6..<8:
-            var bytes = WireMessage.encode(.allocate(AllocateRequest(size: 4096, heap: "system", tag: "cut")), requestID: 999_998)
+            var bytes = WireMessage.encode(.allocate(AllocateRequest(size: 4096, heap: "system", tag: "cut")), requestID: 999_998, version: connection.version)
             bytes.removeLast(Int.random(in: 1..<bytes.count, using: &rng))
             try UnixSocket.send(socket, bytes: bytes)
             note("truncated")

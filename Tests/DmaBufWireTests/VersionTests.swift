@@ -34,10 +34,10 @@ import Testing
         #expect(requestError(request, version: other) == nil)
         let response = WireMessage.encode(Response.ok, requestID: 1, version: other)
         #expect(responseError(response, version: negotiated) == .versionMismatch(negotiated: negotiated, header: other))
-        // Unknown versions are a mismatch too once negotiated, and unsupported before.
+        // A version this side does not speak is unsupported, negotiated or not.
         var seven = WireMessage.encode(Request.stats, requestID: 1, version: negotiated)
         seven.setU16(7, at: HeaderOffset.version)
-        #expect(requestError(seven, version: negotiated) == .versionMismatch(negotiated: negotiated, header: 7))
+        #expect(requestError(seven, version: negotiated) == .unsupportedVersion(7))
         #expect(requestError(seven) == .unsupportedVersion(7))
     }
 

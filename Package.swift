@@ -74,5 +74,9 @@ let package = Package(
         .testTarget(name: "DmaBufWireTests", dependencies: ["DmaBufWire", "DmaBuf"]),
         .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf"]),
         .testTarget(name: "DmaBufCLITests", dependencies: ["DmaBufCLI", "DmaBufWire"]),
+        // libdmabufd's C codec, built as a C target so its tests compare bytes with DmaBufWire.
+        .target(name: "CLibDmabufd", path: "libdmabufd", sources: ["src/wire.c", "src/client.c"], publicHeadersPath: "include",
+                cSettings: [.define("_GNU_SOURCE")]),
+        .testTarget(name: "CLibWireTests", dependencies: ["CLibDmabufd", "DmaBufWire", "DmaBuf"]),
     ]
 )

@@ -48,6 +48,10 @@ public final class DmaBufConnection {
     /// What the daemon said in the handshake (negotiated version, limits, and who it thinks we are).
     public private(set) var server: HelloReply
     private var nextRequestID: UInt32 = 1
+    /// The negotiated version once the handshake is done; nil during it.
+    private var negotiated: UInt16?
+    /// The version requests are encoded in.
+    public var version: UInt16 { negotiated ?? WireLimits.baseVersion }
     private var events: [Response] = []
 
     /// Connects and performs the version handshake.
@@ -58,7 +62,11 @@ public final class DmaBufConnection {
         guard case .hello(let reply) = try call(.hello(Hello(client: clientName))).response else {
             throw DmaBufClientError(local: "the daemon answered the handshake with something else")
         }
+        guard WireLimits.supportedVersions.contains(reply.version) else {
+            throw DmaBufClientError(local: "the daemon chose protocol version \(reply.version), which this client does not speak")
+        }
         server = reply
+        negotiated = reply.version
     }
 
     /// Wraps an already connected socket (e.g. one end of a socketpair) and performs the handshake.
@@ -68,7 +76,11 @@ public final class DmaBufConnection {
         guard case .hello(let reply) = try call(.hello(Hello(client: clientName))).response else {
             throw DmaBufClientError(local: "the daemon answered the handshake with something else")
         }
+        guard WireLimits.supportedVersions.contains(reply.version) else {
+            throw DmaBufClientError(local: "the daemon chose protocol version \(reply.version), which this client does not speak")
+        }
         server = reply
+        negotiated = reply.version
     }
 
     /// Sends `request` with `fds` (borrowed: they stay the caller's) and waits for its reply.
@@ -77,7 +89,7 @@ public final class DmaBufConnection {
     public func call(_ request: Request, fds: [FileDescriptor] = []) throws -> (response: Response, fds: [SharedFD]) {
         let id = nextRequestID
         nextRequestID = nextRequestID == UInt32.max ? 1 : nextRequestID + 1
-        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(request, requestID: id, descriptors: fds.count), fds: fds)
+        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(request, requestID: id, descriptors: fds.count, version: version), fds: fds)
         while true {
             let (header, response, received) = try receive(timeoutMilliseconds: -1)
             if response.isEvent {
@@ -94,7 +106,7 @@ public final class DmaBufConnection {
         let message = try UnixSocket.receive(socket.descriptor, maxBytes: WireLimits.maximumMessageSize, maxFDs: WireLimits.maximumDescriptors)
         if message.isEndOfStream { throw DmaBufClientError(local: "the daemon closed the connection") }
         do {
-            let (header, response) = try WireMessage.decodeResponse(message.bytes, descriptors: message.fds.count)
+            let (header, response) = try WireMessage.decodeResponse(message.bytes, descriptors: message.fds.count, version: negotiated)
             return (header, response, message.fds)
         } catch {
             throw DmaBufClientError(local: "malformed reply from the daemon: \(error)")

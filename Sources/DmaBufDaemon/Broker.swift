@@ -198,7 +198,7 @@ public final class Broker: @unchecked Sendable {
                 throw WireDecodingError.wrongDescriptorCount(type: "message", expected: 0...WireLimits.maximumDescriptors,
                                                              actual: message.fds.count + message.surplusFDs)
             }
-            decoded = try WireMessage.decodeRequest(message.bytes, descriptors: message.fds.count)
+            decoded = try WireMessage.decodeRequest(message.bytes, descriptors: message.fds.count, version: session.version)
         } catch let error as WireDecodingError {
             let requestID = message.bytes.count >= 12 ? message.bytes[8..<12].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) } : 0
             let errno: Errno
@@ -247,7 +247,7 @@ public final class Broker: @unchecked Sendable {
 
     /// Sends now, or queues behind earlier messages when the socket is full.
     func send(_ session: ClientSession, _ response: Response, requestID: UInt32, fds: [SharedFD] = []) {
-        let bytes = WireMessage.encode(response, requestID: requestID, descriptors: fds.count)
+        let bytes = WireMessage.encode(response, requestID: requestID, descriptors: fds.count, version: session.version ?? WireLimits.baseVersion)
         if session.outbox.isEmpty, trySend(session, bytes, fds) { return }
         guard session.outbox.count < 1024 else {
             disconnect(session, reason: "client stopped reading")

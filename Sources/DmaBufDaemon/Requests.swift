@@ -155,7 +155,7 @@ extension Broker {
             var more = false
             for record in records.filter({ $0.id > after }).sorted(by: { $0.id < $1.id }) {
                 let item = info(record)
-                let size = WireMessage.encodedSize(of: item)
+                let size = WireMessage.encodedSize(of: item, version: session.version ?? WireLimits.baseVersion)
                 guard size <= budget, page.count < WireLimits.maximumListEntries else {
                     more = true
                     break
@@ -226,6 +226,11 @@ extension Broker {
             }
             revoke(record, deadline: r.deadlineMilliseconds > 0 ? .milliseconds(Int64(r.deadlineMilliseconds)) : config.revokeDeadline)
             return (.ok, [])
+
+        case .allocateBatch, .releaseQuiet:
+            // Stub until the broker serves protocol v2's batch requests.
+            throw WireError(errno: Errno.notSupported.rawValue, code: .invalidArgument,
+                            message: "\(request.type) is not served yet (EOPNOTSUPP); use allocate and release")
         }
     }
 

@@ -18,6 +18,8 @@ public enum WireDecodingError: Error, Sendable, Equatable, CustomStringConvertib
     case badMagic(UInt32)
     /// The header names a protocol version this side does not speak.
     case unsupportedVersion(UInt16)
+    /// After negotiation, the header's version differs from the negotiated one.
+    case versionMismatch(negotiated: UInt16, header: UInt16)
     /// The header's type is unknown.
     case unknownType(UInt16)
     /// The header's payload length disagrees with the bytes received.
@@ -36,6 +38,7 @@ public enum WireDecodingError: Error, Sendable, Equatable, CustomStringConvertib
         case .invalidValue(let field, let value): "field '\(field)' has invalid value \(value)"
         case .badMagic(let magic): "bad magic 0x\(String(magic, radix: 16)): not a dmabufd message"
         case .unsupportedVersion(let v): "protocol version \(v) is not supported (this side speaks \(WireLimits.supportedVersions))"
+        case .versionMismatch(let negotiated, let header): "header version \(header) differs from the negotiated version \(negotiated)"
         case .unknownType(let t): "unknown message type 0x\(String(t, radix: 16))"
         case .lengthMismatch(let declared, let actual): "header declares \(declared) payload bytes but \(actual) arrived"
         case .wrongDescriptorCount(let type, let expected, let actual):

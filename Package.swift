@@ -79,6 +79,6 @@ let package = Package(
         // libdmabufd's C codec, built as a C target so its tests compare bytes with DmaBufWire.
         .target(name: "CLibDmabufd", path: "libdmabufd", sources: ["src/wire.c", "src/client.c"], publicHeadersPath: "include",
                 cSettings: [.define("_GNU_SOURCE")]),
-        .testTarget(name: "CLibWireTests", dependencies: ["CLibDmabufd", "DmaBufWire", "DmaBuf"]),
+        .testTarget(name: "CLibWireTests", dependencies: ["CLibDmabufd", "DmaBufWire"]),
     ]
 )

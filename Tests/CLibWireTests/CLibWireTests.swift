@@ -1,5 +1,4 @@
 import CLibDmabufd
-import DmaBuf
 import DmaBufWire
 import Testing
 
@@ -70,21 +69,33 @@ extension CLibRNG {
     mutating func count(_ max: Int = 4) -> Int { Int.random(in: 0...max, using: &self) }
 }
 
-func randomBuffer(_ g: inout CLibRNG) -> BufferInfo {
-    BufferInfo(id: g.u64(), inode: g.u64(), size: g.u64(), heap: g.string(), tag: g.string(), name: g.string(),
-               ownerUID: g.u32(), ownerPID: Int32(bitPattern: g.u32()), generation: g.u32(), externalReferences: g.u32(),
-               leases: g.u32(), sharedWith: (0..<g.count()).map { _ in g.u32() }, revoked: g.bool(), orphaned: g.bool())
+func randomBuffer(_ g: inout CLibRNG, version: UInt16) -> BufferInfo {
+    var b = BufferInfo(id: g.u64(), inode: g.u64(), size: g.u64(), heap: g.string(), tag: g.string(), name: g.string(),
+                       ownerUID: g.u32(), ownerPID: Int32(bitPattern: g.u32()), generation: g.u32(), externalReferences: g.u32(),
+                       leases: g.u32(), sharedWith: (0..<g.count()).map { _ in g.u32() }, revoked: g.bool(), orphaned: g.bool())
+    if version >= 2 { b.cgroup = g.string(); b.memfdOwnedByDaemon = g.bool() }
+    return b
 }
 
-func randomRequests(_ g: inout CLibRNG) -> [(Request, Int)] {
-    [
-        (.hello(Hello(minimumVersion: g.u16(), maximumVersion: g.u16(), client: g.string())), 0),
-        (.listHeaps, 0),
+func randomRequests(_ g: inout CLibRNG, version: UInt16) -> [(Request, Int)] {
+    let v2: [(Request, Int)] = version < 2 ? [] : [
+        (.allocate(AllocateRequest(size: g.u64(), heap: g.string(), tag: g.string(), fdFlags: g.u32(), heapFlags: g.u64())), 0),
+        (.allocateBatch(AllocateBatchRequest(count: UInt16.random(in: 1...16, using: &g), size: g.u64(), heap: g.string(),
+                                             tag: g.string(), fdFlags: g.u32(), heapFlags: g.u64())), 0),
+        (.releaseQuiet((0..<Int.random(in: 1...5, using: &g)).map { _ in g.u64() }), 0),
+        (.createUDmabufFromMemfd(UDmabufFromMemfdRequest(
+            ranges: (0..<g.count()).map { _ in ByteRange(offset: g.u64(), size: g.u64()) }, tag: g.string(), flags: g.u32())), 1),
+    ]
+    let v1: [(Request, Int)] = version >= 2 ? [] : [
         (.allocate(AllocateRequest(size: g.u64(), heap: g.string(), tag: g.string(),
                                    cpuAccess: CPUAccessHint.allCases.randomElement(using: &g)!)), 0),
-        (.createUDmabuf(UDmabufRequest(size: g.u64(), tag: g.string(), hugePages: g.bool())), 0),
         (.createUDmabufFromMemfd(UDmabufFromMemfdRequest(
             ranges: (0..<g.count()).map { _ in ByteRange(offset: g.u64(), size: g.u64()) }, tag: g.string())), 1),
+    ]
+    return v1 + v2 + [
+        (.hello(Hello(minimumVersion: g.u16(), maximumVersion: g.u16(), client: g.string())), 0),
+        (.listHeaps, 0),
+        (.createUDmabuf(UDmabufRequest(size: g.u64(), tag: g.string(), hugePages: g.bool())), 0),
         (.importBuffer(tag: g.string()), 1),
         (.share(ShareRequest(buffer: g.u64(), uid: g.bool() ? g.u32() : nil, oneTimeToken: g.bool())), 0),
         (.fetch(FetchRequest(buffer: g.u64(), token: g.u64())), 0),
@@ -102,20 +113,25 @@ func randomRequests(_ g: inout CLibRNG) -> [(Request, Int)] {
     ]
 }
 
-func randomResponses(_ g: inout CLibRNG) -> [(Response, Int)] {
+func randomResponses(_ g: inout CLibRNG, version: UInt16) -> [(Response, Int)] {
     let fences = g.bool() ? g.u32() | 1 : 0
-    return [
+    let batch = Int.random(in: 1...16, using: &g)
+    let v2: [(Response, Int)] = version < 2 ? [] : [(.buffers((0..<batch).map { _ in randomBuffer(&g, version: version) }), batch)]
+    return v2 + [
         (.hello(HelloReply(version: g.u16(), server: g.string(), maximumMessageSize: g.u32(), maximumDescriptors: g.u16(),
                            pageSize: g.u32(), uid: g.u32(), gid: g.u32(), pid: Int32(bitPattern: g.u32()))), 0),
         (.heaps(HeapsReply(
             heaps: (0..<g.count()).map { _ in
-                HeapInfo(name: g.string(), device: g.string(), kind: g.string(), allocatedBytes: g.u64(), buffers: g.u32())
+                version < 2 ? HeapInfo(name: g.string(), device: g.string(), kind: g.string(), allocatedBytes: g.u64(), buffers: g.u32())
+                    : HeapInfo(name: g.string(), device: g.string(), kind: g.string(), allocatedBytes: g.u64(), buffers: g.u32(),
+                               totalBytes: g.u64(), freeBytes: g.u64(), chargesMemcg: g.bool())
             },
-            policies: (0..<g.count()).map { _ in PolicyInfo(name: g.string(), chain: (0..<g.count()).map { _ in g.string() }) })), 0),
-        (.buffer(randomBuffer(&g)), 1),
+            policies: (0..<g.count()).map { _ in PolicyInfo(name: g.string(), chain: (0..<g.count()).map { _ in g.string() }) },
+            memAccounting: version >= 2 && g.bool())), 0),
+        (.buffer(randomBuffer(&g, version: version)), 1),
         (.share(ShareReply(token: g.bool() ? g.u64() : nil)), 0),
         (.ok, 0),
-        (.list((0..<g.count()).map { _ in randomBuffer(&g) }, more: g.bool()), 0),
+        (.list((0..<g.count()).map { _ in randomBuffer(&g, version: version) }, more: g.bool()), 0),
         (.stats(Stats(
             heaps: (0..<g.count()).map { _ in HeapStats(heap: g.string(), bytes: g.u64(), buffers: g.u32(), failures: g.u32()) },
             clients: (0..<g.count()).map { _ in
@@ -123,7 +139,10 @@ func randomResponses(_ g: inout CLibRNG) -> [(Response, Int)] {
             },
             failures: (0..<g.count()).map { _ in ErrnoCount(errno: g.string(), count: g.u32()) },
             connectedClients: g.u32(), buffers: g.u32(), bytes: g.u64(), leases: g.u32(), pendingFences: g.u32(),
-            oldestPendingFenceMilliseconds: g.u64())), 0),
+            oldestPendingFenceMilliseconds: g.u64(),
+            cgroups: version < 2 ? [] : (0..<g.count()).map { _ in
+                CgroupStats(cgroup: g.string(), bytes: g.u64(), buffers: g.u32(), quotaBytes: g.u64(), refusals: g.u32())
+            })), 0),
         (.layout(Layout(buffer: g.u64(), lease: g.u64(), generation: g.u32(), kind: RunKind.allCases.randomElement(using: &g)!,
                         pageSize: g.u32(), firstPage: g.u64(), runs: (0..<g.count()).map { _ in PageRun(start: g.u64(), pages: g.u64()) })), 0),
         (.access(AccessReply(fences: fences)), fences > 0 ? 1 : 0),
@@ -144,12 +163,21 @@ func cRequest(_ request: Request, _ a: CArena) -> dbw_request {
     switch request {
     case .hello(let h): q.minimum_version = h.minimumVersion; q.maximum_version = h.maximumVersion; q.client = a.string(h.client)
     case .listHeaps, .stats: break
-    case .allocate(let r): q.size = r.size; q.heap = a.string(r.heap); q.tag = a.string(r.tag); q.cpu_access = r.cpuAccess.rawValue
+    case .allocate(let r):
+        q.size = r.size; q.heap = a.string(r.heap); q.tag = a.string(r.tag); q.cpu_access = r.cpuAccess.rawValue
+        q.fd_flags = r.fdFlags; q.heap_flags = r.heapFlags
+    case .allocateBatch(let r):
+        q.count = r.count; q.size = r.size; q.heap = a.string(r.heap); q.tag = a.string(r.tag)
+        q.fd_flags = r.fdFlags; q.heap_flags = r.heapFlags
+    case .releaseQuiet(let ids):
+        let p = a.alloc(ids.count, UInt64.self)
+        for (i, id) in ids.enumerated() { p[i] = id }
+        q.buffers = UnsafePointer(p); q.buffer_count = UInt32(ids.count)
     case .createUDmabuf(let r): q.size = r.size; q.tag = a.string(r.tag); q.huge_pages = r.hugePages
     case .createUDmabufFromMemfd(let r):
         let ranges = a.alloc(r.ranges.count, dmabufd_range.self)
         for (i, range) in r.ranges.enumerated() { ranges[i] = dmabufd_range(offset: range.offset, size: range.size) }
-        q.ranges = UnsafePointer(ranges); q.range_count = UInt32(r.ranges.count); q.tag = a.string(r.tag)
+        q.ranges = UnsafePointer(ranges); q.range_count = UInt32(r.ranges.count); q.tag = a.string(r.tag); q.flags = r.flags
     case .importBuffer(let tag): q.tag = a.string(tag)
     case .share(let s): q.buffer = s.buffer; q.has_uid = s.uid != nil; q.uid = s.uid ?? 0; q.one_time_token = s.oneTimeToken
     case .fetch(let f): q.buffer = f.buffer; q.token = f.token
@@ -174,6 +202,7 @@ func cBuffer(_ b: BufferInfo, _ a: CArena) -> dmabufd_buffer_info {
     for (i, uid) in b.sharedWith.enumerated() { shared[i] = uid }
     c.shared_with = shared; c.shared_with_count = UInt32(b.sharedWith.count)
     c.revoked = b.revoked; c.orphaned = b.orphaned
+    setField(&c.cgroup, b.cgroup); c.memfd_owned_by_daemon = b.memfdOwnedByDaemon
     return c
 }
 
@@ -191,6 +220,7 @@ func cHeaps(_ h: HeapsReply, _ a: CArena) -> UnsafeMutableRawPointer {
     for (i, e) in h.heaps.enumerated() {
         setField(&heaps[i].name, e.name); setField(&heaps[i].device, e.device); setField(&heaps[i].kind, e.kind)
         heaps[i].allocated_bytes = e.allocatedBytes; heaps[i].buffers = e.buffers
+        heaps[i].total_bytes = e.totalBytes; heaps[i].free_bytes = e.freeBytes; heaps[i].charges_memcg = e.chargesMemcg
     }
     let policies = a.alloc(h.policies.count, dmabufd_policy.self)
     for (i, p) in h.policies.enumerated() {
@@ -201,6 +231,7 @@ func cHeaps(_ h: HeapsReply, _ a: CArena) -> UnsafeMutableRawPointer {
     }
     out.pointee.heaps = heaps; out.pointee.heap_count = UInt32(h.heaps.count)
     out.pointee.policies = policies; out.pointee.policy_count = UInt32(h.policies.count)
+    out.pointee.mem_accounting = h.memAccounting
     return UnsafeMutableRawPointer(out)
 }
 
@@ -223,6 +254,12 @@ func cStats(_ s: Stats, _ a: CArena) -> UnsafeMutableRawPointer {
     out.pointee.connected_clients = s.connectedClients; out.pointee.buffers = s.buffers; out.pointee.bytes = s.bytes
     out.pointee.leases = s.leases; out.pointee.pending_fences = s.pendingFences
     out.pointee.oldest_pending_fence_ms = s.oldestPendingFenceMilliseconds
+    let cgroups = a.alloc(s.cgroups.count, dmabufd_cgroup_stats.self)
+    for (i, c) in s.cgroups.enumerated() {
+        setField(&cgroups[i].cgroup, c.cgroup); cgroups[i].bytes = c.bytes; cgroups[i].buffers = c.buffers
+        cgroups[i].quota_bytes = c.quotaBytes; cgroups[i].refusals = c.refusals
+    }
+    out.pointee.cgroups = cgroups; out.pointee.cgroup_count = UInt32(s.cgroups.count)
     return UnsafeMutableRawPointer(out)
 }
 
@@ -244,6 +281,7 @@ func cResponse(_ response: Response, requestID: UInt32, descriptors: Int, _ a: C
     case .share(let s): r.has_token = s.token != nil; r.token = s.token ?? 0
     case .ok: break
     case .list(let items, let more): r.object = UnsafeMutableRawPointer(cBufferList(items, more: more, a))
+    case .buffers(let items): r.object = UnsafeMutableRawPointer(cBufferList(items, more: false, a))
     case .stats(let s): r.object = cStats(s, a)
     case .layout(let l):
         let p = a.alloc(1, dmabufd_layout.self)
@@ -288,60 +326,62 @@ func cReencode(_ bytes: [UInt8], descriptors: Int, version: UInt16 = 1) -> [UInt
 }
 
 @Suite("libdmabufd codec vs DmaBufWire") struct CLibWireTests {
-    @Test("requests: C encodes every type to Swift's bytes, and Swift decodes them back")
-    func requests() throws {
-        var g = CLibRNG(state: 0x1D3A)
+    @Test("requests: C encodes every type to Swift's bytes, and Swift decodes them back", arguments: [UInt16(1), 2])
+    func requests(version: UInt16) throws {
+        var g = CLibRNG(state: 0x1D3A + UInt64(version))
         var covered = Set<UInt16>()
         for round in 0..<300 {
-            for (request, fds) in randomRequests(&g) {
+            for (request, fds) in randomRequests(&g, version: version) {
                 let a = CArena()
                 let id = UInt32(truncatingIfNeeded: round &* 7919 + 1)
-                let swift = WireMessage.encode(request, requestID: id, descriptors: fds)
-                let c = cEncode(request: cRequest(request, a), requestID: id, descriptors: fds)
-                #expect(c == swift, "\(request)")
-                if let c { #expect((try? WireMessage.decodeRequest(c, descriptors: fds).1) == request) }
+                let swift = WireMessage.encode(request, requestID: id, descriptors: fds, version: version)
+                let c = cEncode(request: cRequest(request, a), requestID: id, descriptors: fds, version: version)
+                #expect(c == swift, "v\(version) \(request)")
+                let negotiated: UInt16? = request.type == .hello ? nil : version
+                if let c { #expect((try? WireMessage.decodeRequest(c, descriptors: fds, version: negotiated).1) == request) }
                 covered.insert(request.type.rawValue)
             }
         }
-        #expect(covered.count == MessageType.allCases.filter { $0.rawValue < 0x4000 }.count)
+        #expect(covered.count == MessageType.allCases.filter { $0.rawValue < 0x4000 && $0.introducedIn <= version }.count)
     }
 
-    @Test("responses: C encodes every type to Swift's bytes, and decodes Swift's bytes losslessly")
-    func responses() throws {
-        var g = CLibRNG(state: 0xC11B)
+    @Test("responses: C encodes every type to Swift's bytes, and decodes Swift's bytes losslessly", arguments: [UInt16(1), 2])
+    func responses(version: UInt16) throws {
+        var g = CLibRNG(state: 0xC11B + UInt64(version))
         var covered = Set<UInt16>()
         for round in 0..<300 {
-            for (response, fds) in randomResponses(&g) {
+            for (response, fds) in randomResponses(&g, version: version) {
                 let a = CArena()
                 let id = UInt32(truncatingIfNeeded: round &* 104_729 + 1)
-                let swift = WireMessage.encode(response, requestID: id, descriptors: fds)
-                let c = cEncode(response: cResponse(response, requestID: id, descriptors: fds, a))
-                #expect(c == swift, "C encoder: \(response)")
-                #expect(cReencode(swift, descriptors: fds) == swift, "C decoder: \(response)")
+                let swift = WireMessage.encode(response, requestID: id, descriptors: fds, version: version)
+                let c = cEncode(response: cResponse(response, requestID: id, descriptors: fds, a), version: version)
+                #expect(c == swift, "C encoder v\(version): \(response)")
+                #expect(cReencode(swift, descriptors: fds, version: version) == swift, "C decoder v\(version): \(response)")
                 covered.insert(response.type.rawValue)
             }
         }
-        #expect(covered.count == MessageType.allCases.filter { $0.rawValue >= 0x4000 }.count)
+        #expect(covered.count == MessageType.allCases.filter { $0.rawValue >= 0x4000 && $0.introducedIn <= version }.count)
     }
 
-    @Test("what Swift's decoder refuses, C's decoder refuses: truncations and single-byte mutations")
-    func malformedAgree() throws {
-        var g = CLibRNG(state: 0xBAD)
+    @Test("what Swift's decoder refuses, C's decoder refuses: truncations and single-byte mutations", arguments: [UInt16(1), 2])
+    func malformedAgree(version: UInt16) throws {
+        var g = CLibRNG(state: 0xBAD + UInt64(version))
         for _ in 0..<20 {
-            for (response, fds) in randomResponses(&g) {
-                let bytes = WireMessage.encode(response, requestID: 5, descriptors: fds)
+            for (response, fds) in randomResponses(&g, version: version) {
+                let bytes = WireMessage.encode(response, requestID: 5, descriptors: fds, version: version)
                 for cut in stride(from: 0, to: bytes.count, by: max(1, bytes.count / 16)) {
-                    #expect(cReencode(Array(bytes[0..<cut]), descriptors: fds) == nil)
+                    #expect(cReencode(Array(bytes[0..<cut]), descriptors: fds, version: version) == nil)
                 }
+                let negotiated: UInt16? = response.type == .helloReply ? nil : version
                 for _ in 0..<8 {
                     var mutated = bytes
                     let at = Int.random(in: 0..<bytes.count, using: &g)
                     mutated[at] = UInt8.random(in: 0...255, using: &g)
-                    let swiftOK = (try? WireMessage.decodeResponse(mutated, descriptors: fds)) != nil
-                    let cOK = cReencode(mutated, descriptors: fds) != nil
+                    let swiftOK = (try? WireMessage.decodeResponse(mutated, descriptors: fds, version: negotiated)) != nil
+                    let cOK = cReencode(mutated, descriptors: fds, version: version) != nil
                     // C refuses strings holding NUL, which Swift accepts (documented in dmabufd.h).
                     if swiftOK && !cOK && mutated.contains(0) { continue }
-                    #expect(swiftOK == cOK, "byte \(at) of \(response): Swift \(swiftOK), C \(cOK)")
+                    #expect(swiftOK == cOK, "v\(version) byte \(at) of \(response): Swift \(swiftOK), C \(cOK)")
                 }
             }
         }

@@ -28,6 +28,8 @@ struct dmabufd_conn {
     dmabufd_event queue[QUEUE_MAX];
     unsigned qhead, qlen;
     int epfd, evfd; /* made by the first dmabufd_event_fd */
+    uint32_t quiet_ids[64]; /* recent release_quiet ids: a reply to one (there should be none) is dropped */
+    unsigned quiet_next;
     uint8_t in[DMABUFD_MAX_MESSAGE + 1];
     uint8_t out[DMABUFD_MAX_MESSAGE];
 };
@@ -139,6 +141,12 @@ static int receive(dmabufd_conn *c, dbw_response *r, int *fds, unsigned *nfds, i
     return 0;
 }
 
+static bool was_quiet(const dmabufd_conn *c, uint32_t id) {
+    for (unsigned i = 0; i < 64; i++)
+        if (id != 0 && c->quiet_ids[i] == id) return true;
+    return false;
+}
+
 /* Sends `q` with `in_fds`, waits for the reply with the same id. Returns 0 with *r and out_fds set. */
 static int transact_locked(dmabufd_conn *c, const dbw_request *q, const int *in_fds, unsigned n_in, dbw_response *r,
                            int *out_fds, unsigned *n_out) {
@@ -157,6 +165,11 @@ static int transact_locked(dmabufd_conn *c, const dbw_request *q, const int *in_
         if (r->header.request_id == 0 && is_event(r->header.type)) {
             queue_event(c, &r->event);
             close_fds(out_fds, *n_out);
+            continue;
+        }
+        if (r->header.request_id != id && was_quiet(c, r->header.request_id)) {
+            close_fds(out_fds, *n_out);
+            dmabufd_free(r->object);
             continue;
         }
         if (r->header.request_id != id) {
@@ -399,8 +412,10 @@ DMABUFD_API int dmabufd_release_quiet(dmabufd_conn *c, const uint64_t *buffers, 
     for (uint32_t at = 0; at < count && !e; at += DMABUFD_MAX_LIST) {
         uint32_t n = count - at < DMABUFD_MAX_LIST ? count - at : DMABUFD_MAX_LIST;
         dbw_request q = { .type = DBW_RELEASE_QUIET, .buffers = buffers + at, .buffer_count = n };
-        int len = dbw_encode_request(&q, c->hello.version, c->next_id++, 0, c->out, sizeof c->out);
+        uint32_t id = c->next_id++;
         if (c->next_id == 0) c->next_id = 1;
+        c->quiet_ids[c->quiet_next++ % 64] = id;
+        int len = dbw_encode_request(&q, c->hello.version, id, 0, c->out, sizeof c->out);
         if (c->broken) e = failure(c, ENOTCONN, 0, "the dmabufd connection was closed; connect again");
         else if (len < 0) e = failure(c, -len, 0, "release_quiet cannot be encoded");
         else if ((e = send_msg(c->sock, c->out, (size_t)len, NULL, 0))) {

@@ -200,7 +200,7 @@ int dbw_encode_request(const dbw_request *r, uint16_t version, uint32_t request_
     if (r->type >= 0x4000 || !dbw_descriptor_range(r->type, &lo, &hi) || fds < lo || fds > hi) return -EINVAL;
     if (v2_only(r->type) && version < 2) return -EINVAL;
     wr w = { out, cap, 0, 0 };
-    wheader(&w, version, r->type, request_id, fds);
+    wheader(&w, r->type == DBW_HELLO ? 1 : version, r->type, request_id, fds);
     enc_request_payload(&w, r, version);
     return wfinish(&w);
 }
@@ -348,8 +348,13 @@ static int dec_header(rd *r, unsigned fds, uint16_t version, dbw_header *h) {
     if (r->n > DMABUFD_MAX_MESSAGE || r->n < DBW_HEADER_SIZE) return -EBADMSG;
     if (r32(r) != DBW_MAGIC) return -EBADMSG;
     h->version = r16(r);
-    if (version ? h->version != version : (h->version < DBW_VERSION_MIN || h->version > DBW_VERSION_MAX)) return -EBADMSG;
     h->type = r16(r); h->request_id = r32(r); h->payload_length = r32(r); h->fd_count = r16(r);
+    /* hello and its reply always carry 1: they are what negotiates. */
+    if (h->type == DBW_HELLO || h->type == DBW_HELLO_REPLY) {
+        if (h->version != 1) return -EBADMSG;
+    } else if (version ? h->version != version : (h->version < DBW_VERSION_MIN || h->version > DBW_VERSION_MAX)) {
+        return -EBADMSG;
+    }
     (void)r16(r); /* reserved: written 0, not checked (as DmaBufWire) */
     if (h->payload_length != left(r) || h->fd_count != fds) return -EBADMSG;
     unsigned lo, hi;
@@ -510,7 +515,7 @@ int dbw_encode_response(const dbw_response *o, uint16_t version, uint8_t *out, s
         return -EINVAL;
     bool event = t >= 0x4001 && t <= 0x4004;
     wr w = { out, cap, 0, 0 };
-    wheader(&w, version, t, event ? 0 : o->header.request_id, o->header.fd_count);
+    wheader(&w, t == DBW_HELLO_REPLY ? 1 : version, t, event ? 0 : o->header.request_id, o->header.fd_count);
     enc_response_payload(&w, o, version);
     return wfinish(&w);
 }

@@ -32,7 +32,7 @@ private final class CLibBuild: @unchecked Sendable {
         _ = mkdir(directory, 0o755)
         _ = chmod(directory, 0o755)
         guard let repository = CLibBuild.repository() else { throw TestFailure(description: "libdmabufd/Makefile not found above \(Harness.binDirectory)") }
-        try shell("make -s -C '\(repository)/libdmabufd' B='\(library)' all install PREFIX=/opt/dmabufd DESTDIR='\(installRoot)'", "build libdmabufd")
+        try shell("make -s -j2 -C '\(repository)/libdmabufd' B='\(library)' all install PREFIX=/opt/dmabufd DESTDIR='\(installRoot)'", "build libdmabufd")
         for (name, source) in clibPrograms {
             Harness.writeFileCreating(directory + "/\(name).c", source)
             var flags = ""
@@ -110,10 +110,31 @@ private func compareWithKernel(_ build: CLibBuild, _ program: String, _ daemon: 
     let kernel = try shell("'\(path)'", "\(program) as root against the kernel").output
     let env = "DMABUFD_SOCKET='\(daemon.socketPath)' DMABUFD_PRELOAD='\(build.preload)'"
     let dropIn = try shell("\(env) '\(build.programs["runas"]!)' 65534 '\(build.dropIn)' '\(path)'", "\(program) as uid 65534 under dmabufd-run").output
+    if getenv("CLIB_VERBOSE") != nil { Harness.say("--- \(program), kernel ---\n\(kernel)--- \(program), drop-in ---\n\(dropIn)") }
     if let diff = firstDifference(kernel, dropIn) {
         throw TestFailure(description: "\(program): the drop-in differs from the kernel at \(diff)\n--- kernel ---\n\(kernel)\n--- drop-in ---\n\(dropIn)")
     }
     return kernel
+}
+
+/// kselftest result lines: test number -> "ok", "skip" or "not ok".
+private func kselftestResults(_ output: String) -> [Int: String] {
+    var results: [Int: String] = [:]
+    for line in output.split(separator: "\n") {
+        let words = line.split(separator: " ")
+        if words.first == "ok", words.count > 1, let n = Int(words[1]) {
+            results[n] = line.contains("# SKIP") ? "skip" : "ok"
+        } else if words.count > 2, words[0] == "not", words[1] == "ok", let n = Int(words[2]) {
+            results[n] = "not ok"
+        }
+    }
+    return results
+}
+
+/// Where libdmabufd/fetch-selftests.sh put the kernel's selftests.
+private var selftestDirectory: String {
+    let cache = getenv("DMABUFD_CACHE").map { String(cString: $0) } ?? ((getenv("HOME").map { String(cString: $0) } ?? "/root") + "/.cache/dmabufd")
+    return cache + "/selftests/6.12"
 }
 
 enum CLibTests {
@@ -131,6 +152,10 @@ enum CLibTests {
             let build = try CLibBuild.get()
             try withRootOnlyNodes {
                 try withDaemon { daemon in
+                    // Without a broker the drop-in steps aside and the program sees the kernel's EACCES.
+                    let alone = try shell("DMABUFD_SOCKET=/nonexistent DMABUFD_PRELOAD='\(build.preload)' '\(build.programs["runas"]!)' 65534 '\(build.dropIn)' '\(build.programs["heap_uapi"]!)'",
+                                          "heap_uapi without a broker", expect: nil)
+                    try expect(alone.output.hasPrefix("open: EACCES"), "without a broker: \(alone.output)")
                     let transcript = try compareWithKernel(build, "heap_uapi", daemon)
                     try expect(transcript.contains("first round trip: size 16384, cloexec 1, readback ok"), "round trip:\n\(transcript)")
                     try expect(transcript.contains("exec child exit: 0") && transcript.contains("done, 0 checks failed"), "checks:\n\(transcript)")
@@ -167,6 +192,39 @@ enum CLibTests {
                     let small = try shell("\(env) '\(build.programs["runas"]!)' 65534 '\(build.dropIn)' '\(build.programs["heap_uapi"]!)' alloc 4096",
                                           "allocation within quota")
                     try expect(small.output.contains("alloc: ok"), "within quota: \(small.output)")
+                }
+            }
+        },
+        // The kernel's own selftests, compiled unmodified (-D__user= only: the heap test includes the
+        // kernel's raw uapi drm.h, as its own build does after headers_install), as uid 65534 under
+        // dmabufd-run: no test may fail that passes as root against the kernel in the same boot. (The
+        // udmabuf test's last case needs 1024 free 2 MiB huge pages, which the VM lacks either way.)
+        DeviceTest("clib.kernel-selftests", requires: needs) {
+            let build = try CLibBuild.get()
+            let source = selftestDirectory
+            guard access(source + "/tools/testing/selftests/kselftest.h", R_OK) == 0 else {
+                throw TestFailure(description: "the kernel selftests are not in \(source): run libdmabufd/fetch-selftests.sh on the host first (apt, once)")
+            }
+            let tests = [("dmabuf-heap", "tools/testing/selftests/dmabuf-heaps/dmabuf-heap.c"),
+                         ("udmabuf", "tools/testing/selftests/drivers/dma-buf/udmabuf.c")]
+            for (name, file) in tests {
+                try shell("cc -O1 -D__user= -isystem '\(source)/include/uapi' -o '\(build.directory)/\(name)' '\(source)/\(file)'", "compile \(name)")
+            }
+            try withRootOnlyNodes {
+                try withDaemon { daemon in
+                    for (name, _) in tests {
+                        let binary = build.directory + "/" + name
+                        let kernel = try shell("'\(binary)'", "\(name) as root", expect: nil)
+                        let env = "DMABUFD_SOCKET='\(daemon.socketPath)' DMABUFD_PRELOAD='\(build.preload)'"
+                        let dropIn = try shell("\(env) '\(build.programs["runas"]!)' 65534 '\(build.dropIn)' '\(binary)'", "\(name) under dmabufd-run", expect: nil)
+                        let k = kselftestResults(kernel.output), d = kselftestResults(dropIn.output)
+                        Harness.say("  \(name): kernel \(k.values.filter { $0 == "ok" }.count) ok of \(k.count) (exit \(kernel.status)); " +
+                                    "drop-in as uid 65534 \(d.values.filter { $0 == "ok" }.count) ok of \(d.count) (exit \(dropIn.status))")
+                        if getenv("CLIB_VERBOSE") != nil { Harness.say("--- kernel ---\n\(kernel.output)--- drop-in ---\n\(dropIn.output)") }
+                        let regressions = k.filter { $0.value == "ok" && d[$0.key] != "ok" }.keys.sorted()
+                        try expect(!d.isEmpty && d.values.contains("ok"), "\(name) under dmabufd-run passed nothing:\n\(dropIn.output)")
+                        try expect(regressions.isEmpty, "\(name): tests \(regressions) pass on the kernel but not under dmabufd-run:\n--- kernel ---\n\(kernel.output)--- drop-in ---\n\(dropIn.output)")
+                    }
                 }
             }
         },

@@ -311,6 +311,17 @@ static void *fake_daemon(void *arg) {
     return NULL;
 }
 
+static void *hammer(void *arg) {
+    dmabufd_conn *c = arg;
+    long wrong = 0;
+    for (int i = 0; i < 50; i++) {
+        int fd = dmabufd_allocate(c, 4096, "system", "t", O_RDWR | O_CLOEXEC, 0, NULL);
+        if (fd < 0) wrong++; else close(fd);
+        if (dmabufd_release(c, 1) != -EDQUOT || dmabufd_last_error(c) != EDQUOT) wrong++;
+    }
+    return (void *)wrong;
+}
+
 static void test_connection(void) {
     snprintf(sock_path, sizeof sock_path, "/tmp/clib-test-%d.sock", getpid());
     unlink(sock_path);
@@ -347,6 +358,13 @@ static void test_connection(void) {
     CHECK(efd >= 0, "event fd %d", efd);
     CHECK(dmabufd_release(c, 1) == -EDQUOT && dmabufd_last_error(c) == EDQUOT && dmabufd_last_code(c) == 5 &&
               strcmp(dmabufd_last_message(c), "over quota") == 0, "error reply not surfaced");
+    /* Many threads on one connection: every request gets its own reply (ids match), each with its fd. */
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) pthread_create(&th[i], NULL, hammer, c);
+    long wrong = 0;
+    for (int i = 0; i < 4; i++) { void *r; pthread_join(th[i], &r); wrong += (long)r; }
+    CHECK(wrong == 0, "%ld of 400 threaded requests went wrong", wrong);
+    CHECK(dmabufd_next_event(c, &ev, false) == 1 && ev.buffer == 99, "events queued by threads lost");
     dmabufd_disconnect(c);
     pthread_join(t, NULL);
     close(ls);

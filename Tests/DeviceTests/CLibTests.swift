@@ -36,7 +36,7 @@ private final class CLibBuild: @unchecked Sendable {
         for (name, source) in clibPrograms {
             Harness.writeFileCreating(directory + "/\(name).c", source)
             var flags = ""
-            if name == "client_roundtrip" {
+            if name == "client_roundtrip" || name == "bench_alloc" {
                 flags = "$(PKG_CONFIG_SYSROOT_DIR='\(installRoot)' PKG_CONFIG_LIBDIR='\(installRoot)/opt/dmabufd/lib/pkgconfig' pkg-config --cflags --libs dmabufd) -Wl,-rpath,'\(installRoot)/opt/dmabufd/lib'"
             }
             try shell("cc -O1 -o '\(directory)/\(name)' '\(directory)/\(name).c' \(flags)", "compile \(name)")
@@ -137,6 +137,11 @@ private var selftestDirectory: String {
     return cache + "/selftests/6.12"
 }
 
+private func hundredths(_ x: Double) -> String {
+    let v = Int((x * 100).rounded())
+    return "\(v / 100).\(v % 100 < 10 ? "0" : "")\(v % 100)"
+}
+
 enum CLibTests {
     static let all: [DeviceTest] = [
         DeviceTest("clib.direct-open-refused-as-nobody", requires: needs) {
@@ -226,6 +231,33 @@ enum CLibTests {
                         try expect(regressions.isEmpty, "\(name): tests \(regressions) pass on the kernel but not under dmabufd-run:\n--- kernel ---\n\(kernel.output)--- drop-in ---\n\(dropIn.output)")
                     }
                 }
+            }
+        },
+        // A figure, not an assertion (tests never assert timings): the C client's allocation against the
+        // Swift client's, same daemon, same boot, alternating rounds.
+        DeviceTest("clib.allocation-cost-vs-swift-client", requires: needs) {
+            let build = try CLibBuild.get()
+            try withDaemon { daemon in
+                let connection = try daemon.connect("bench-swift")
+                var swift: [Double] = [], c: [Double] = []
+                for round in 0...5 {
+                    var samples: [Double] = []
+                    for _ in 0..<101 {
+                        let t0 = nowNS()
+                        let buffer = try connection.allocate(size: 4096, heap: "system", tag: "bench")
+                        samples.append(Double(nowNS() - t0))
+                        let id = buffer.info.id
+                        _ = consume buffer
+                        try connection.release(id)
+                    }
+                    let run = try shell("DMABUFD_SOCKET='\(daemon.socketPath)' '\(build.programs["bench_alloc"]!)' 101 4096", "bench_alloc")
+                    guard let line = run.output.split(separator: "\n").first(where: { $0.hasPrefix("median_ns ") }),
+                          let ns = Double(line.dropFirst("median_ns ".count)) else { throw TestFailure(description: "bench_alloc: \(run.output)") }
+                    if round > 0 { swift.append(median(samples)); c.append(ns) }
+                }
+                let ratios = zip(c, swift).map { $0 / $1 }.sorted()
+                Harness.say("  4 KiB allocation: C client median \(Int(median(c) / 1000)) us, Swift client \(Int(median(swift) / 1000)) us; " +
+                            "C/Swift per round: median \(hundredths(median(ratios))) (\(hundredths(ratios.first!))-\(hundredths(ratios.last!)))")
             }
         },
         DeviceTest("clib.pkg-config-client-round-trip", requires: needs) {
@@ -628,6 +660,43 @@ int main(int argc, char **argv) {
     dmabufd_disconnect(c);
     printf("client round trip: %s\n", bad ? "FAILED" : "ok");
     return bad ? 1 : 0;
+}
+"""#),
+    ("bench_alloc", #"""
+/* bench_alloc N SIZE: times N dmabufd_allocate calls of SIZE bytes from the system heap (allocation only,
+ * as the Swift P1 row times DmaBufConnection.allocate) and prints the median in nanoseconds. */
+#define _GNU_SOURCE
+#include <dmabufd.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+static long long now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000ll + t.tv_nsec; }
+static int cmp(const void *a, const void *b) { long long x = *(const long long *)a, y = *(const long long *)b; return x < y ? -1 : x > y; }
+
+int main(int argc, char **argv) {
+    int n = argc > 1 ? atoi(argv[1]) : 101;
+    unsigned long long size = argc > 2 ? strtoull(argv[2], NULL, 10) : 4096;
+    dmabufd_conn *c;
+    if (dmabufd_connect(NULL, "bench", &c) < 0) { printf("connect: %s\n", dmabufd_last_message(NULL)); return 1; }
+    long long *t = calloc((size_t)n, sizeof *t);
+    for (int i = -10; i < n; i++) { /* ten warm-up allocations */
+        dmabufd_buffer_info *info;
+        long long t0 = now();
+        int fd = dmabufd_allocate(c, size, "system", "bench", O_RDWR | O_CLOEXEC, 0, &info);
+        long long t1 = now();
+        if (fd < 0) { printf("allocate: %s\n", dmabufd_last_message(c)); return 1; }
+        if (i >= 0) t[i] = t1 - t0;
+        close(fd);
+        dmabufd_release(c, info->id);
+        dmabufd_free(info);
+    }
+    qsort(t, (size_t)n, sizeof *t, cmp);
+    printf("median_ns %lld\n", t[n / 2]);
+    dmabufd_disconnect(c);
+    return 0;
 }
 """#),
 ]

@@ -181,7 +181,8 @@ DMABUFD_API const dmabufd_hello *dmabufd_server(const dmabufd_conn *conn);
 DMABUFD_API int dmabufd_version(const dmabufd_conn *conn);
 
 /* Allocation from a heap or a policy. fd_flags: O_ACCMODE | O_CLOEXEC bits (as DMA_HEAP_IOCTL_ALLOC);
- * heap_flags must be 0. Returns the dma-buf fd. `info` may be NULL. */
+ * heap_flags must be 0. Returns the dma-buf fd. `info` may be NULL. (A v1 daemon always makes the file
+ * O_RDWR; O_CLOEXEC is honoured with either version.) */
 DMABUFD_API int dmabufd_allocate(dmabufd_conn *conn, uint64_t size, const char *heap, const char *tag, uint32_t fd_flags,
                                  uint64_t heap_flags, dmabufd_buffer_info **info);
 /* All-or-nothing: `count` (1...16) buffers, fds[i] is buffer i. Returns count. Needs protocol v2. */

@@ -246,6 +246,7 @@ static void test_requests(void) {
 
 static char sock_path[108];
 static int fake_memfd;
+static uint16_t fake_version = 2; /* what the fake daemon negotiates */
 
 static int fake_recv(int s, dbw_header *h, uint8_t *payload) {
     uint8_t b[DMABUFD_MAX_MESSAGE];
@@ -290,21 +291,23 @@ static void *fake_daemon(void *arg) {
         dbw_response r = { .header = { .request_id = h.request_id } };
         if (h.type == DBW_HELLO) {
             r.header.type = DBW_HELLO_REPLY;
-            r.hello = (dmabufd_hello){ .version = 2, .maximum_message_size = 65536, .maximum_descriptors = 16, .page_size = 4096 };
+            r.hello = (dmabufd_hello){ .version = fake_version, .maximum_message_size = 65536, .maximum_descriptors = 16, .page_size = 4096 };
             strcpy(r.hello.server, "fake");
             fake_send(s, &r, 1, -1);
-        } else if (h.type == DBW_ALLOCATE && h.version == 2) {
-            dbw_response ev = { .header = { .type = DMABUFD_EVENT_BUFFER_FREED }, .event = { .buffer = 99 } };
-            fake_send(s, &ev, 2, -1);
+        } else if (h.type == DBW_ALLOCATE && h.version == fake_version) {
+            /* v1 payload: size, heap, tag, cpu_access (read-write, 3); v2: size, heap, tag, fd_flags, heap_flags */
+            bool v1_ok = fake_version == 1 && p[8 + 2 + 6 + 2 + 1] == 3;
+            dbw_response ev = { .header = { .type = DMABUFD_EVENT_BUFFER_FREED }, .event = { .buffer = fake_version == 1 && !v1_ok ? 0 : 99 } };
+            fake_send(s, &ev, fake_version, -1);
             dmabufd_buffer_info b = sample_buffer();
             r.header.type = DBW_BUFFER_REPLY;
             r.object = &b;
-            fake_send(s, &r, 2, fake_memfd);
+            fake_send(s, &r, fake_version, fake_memfd);
         } else {
             r.header.type = DBW_ERROR_REPLY;
             r.error_errno = EDQUOT; r.error_code = 5;
             strcpy(r.error_message, "over quota");
-            fake_send(s, &r, 2, -1);
+            fake_send(s, &r, fake_version, -1);
         }
     }
     close(s);
@@ -365,6 +368,23 @@ static void test_connection(void) {
     for (int i = 0; i < 4; i++) { void *r; pthread_join(th[i], &r); wrong += (long)r; }
     CHECK(wrong == 0, "%ld of 400 threaded requests went wrong", wrong);
     CHECK(dmabufd_next_event(c, &ev, false) == 1 && ev.buffer == 99, "events queued by threads lost");
+    dmabufd_disconnect(c);
+    pthread_join(t, NULL);
+
+    /* A v1 daemon: the library speaks v1 to it (allocate carries cpu_access), release_quiet becomes
+     * releases, allocate_batch is refused locally. */
+    fake_version = 1;
+    pthread_create(&t, NULL, fake_daemon, &ls);
+    CHECK(dmabufd_connect(NULL, "wire-test-v1", &c) == 0 && dmabufd_version(c) == 1, "v1 connect");
+    fd = dmabufd_allocate(c, 4096, "system", "t", O_RDWR, 0, NULL);
+    CHECK(fd >= 0, "v1 allocate: %d", fd);
+    if (fd >= 0) close(fd);
+    CHECK(dmabufd_next_event(c, &ev, false) == 1 && ev.buffer == 99, "v1 allocate payload (cpu_access 3)");
+    int fds[2];
+    CHECK(dmabufd_allocate_batch(c, 2, 4096, "system", "t", O_RDWR, 0, fds, NULL) == -EOPNOTSUPP, "v1 allocate_batch refused locally");
+    uint64_t ids[2] = { 1, 2 };
+    CHECK(dmabufd_release_quiet(c, ids, 2) == 0, "v1 release_quiet as releases");
+    CHECK(dmabufd_release(c, 1) == -EDQUOT, "v1 connection still in step after release_quiet");
     dmabufd_disconnect(c);
     pthread_join(t, NULL);
     close(ls);

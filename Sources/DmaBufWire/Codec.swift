@@ -1,3 +1,5 @@
+import DmaBufTypes
+
 /// Reading and writing the primitive types of the wire format: little-endian integers, length-prefixed
 /// UTF-8 strings and counted arrays. The reader never trusts a length or a count: each is checked against
 /// the bytes that remain and against the protocol's limits before anything is allocated.
@@ -156,6 +158,13 @@ public struct WireReader {
         let raw = try u8(field)
         guard let value = T(rawValue: raw) else { throw .invalidValue(field: field, value: UInt64(raw)) }
         return value
+    }
+
+    /// A fence's or an access's mode: read (1) or write (2). A read-write access travels as a write.
+    public mutating func fenceAccess() throws(WireDecodingError) -> AccessMode {
+        let raw = try u8("access")
+        guard raw == 1 || raw == 2, let mode = AccessMode(rawValue: raw) else { throw .invalidValue(field: "access", value: UInt64(raw)) }
+        return mode
     }
 
     /// Fails when bytes remain: a message must be exactly as long as its fields.

@@ -92,7 +92,7 @@ public enum WireMessage {
                 break
             case .allocate(let a):
                 w.u64(a.size); w.string(a.heap); w.string(a.tag)
-                if version >= 2 { w.u32(a.fdFlags); w.u64(a.heapFlags) } else { w.u8(a.cpuAccess.rawValue) }
+                if version >= 2 { w.u32(a.fdFlags); w.u64(a.heapFlags) } else { w.u8(a.cpuAccess) }
             case .allocateBatch(let a):
                 w.u16(a.count); w.u64(a.size); w.string(a.heap); w.string(a.tag); w.u32(a.fdFlags); w.u64(a.heapFlags)
             case .releaseQuiet(let ids):
@@ -118,7 +118,7 @@ public enum WireMessage {
             case .releaseLease(let lease):
                 w.u64(lease)
             case .attachFence(let f), .beginAccess(let f):
-                w.u64(f.buffer); w.u64(f.firstPage); w.u64(f.pageCount); w.u8(f.access.rawValue)
+                w.u64(f.buffer); w.u64(f.firstPage); w.u64(f.pageCount); w.u8(f.access.writes ? AccessMode.write.rawValue : AccessMode.read.rawValue)
             case .revoke(let r):
                 w.u64(r.buffer); w.u32(r.deadlineMilliseconds)
             }
@@ -147,7 +147,9 @@ public enum WireMessage {
         case .allocate:
             let size = try r.u64("size"), heap = try r.string("heap"), tag = try r.string("tag")
             guard version >= 2 else {
-                return .allocate(AllocateRequest(size: size, heap: heap, tag: tag, cpuAccess: try r.enumeration("cpu_access", as: CPUAccessHint.self)))
+                let cpuAccess = try r.u8("cpu_access")
+                guard cpuAccess <= 3 else { throw .invalidValue(field: "cpu_access", value: UInt64(cpuAccess)) }
+                return .allocate(AllocateRequest(size: size, heap: heap, tag: tag, cpuAccess: cpuAccess))
             }
             return .allocate(AllocateRequest(size: size, heap: heap, tag: tag, fdFlags: try r.u32("fd_flags"), heapFlags: try r.u64("heap_flags")))
         case .allocateBatch:
@@ -202,7 +204,7 @@ public enum WireMessage {
         case .releaseLease: return .releaseLease(try r.u64("lease"))
         case .attachFence, .beginAccess:
             let f = FenceAttachRequest(buffer: try r.u64("buffer"), firstPage: try r.u64("first_page"), pageCount: try r.u64("page_count"),
-                                       access: try r.enumeration("access", as: AccessMode.self))
+                                       access: try r.fenceAccess())
             return type == .attachFence ? .attachFence(f) : .beginAccess(f)
         case .revoke: return .revoke(RevokeRequest(buffer: try r.u64("buffer"), deadlineMilliseconds: try r.u32("deadline_ms")))
         default: throw .unknownType(type.rawValue)

@@ -96,11 +96,6 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
 public typealias BufferID = UInt64
 public typealias LeaseID = UInt64
 
-/// How the client means to touch a buffer's memory from the CPU; the daemon maps it writable or not.
-public enum CPUAccessHint: UInt8, Sendable, Codable, CaseIterable {
-    case none = 0, read = 1, write = 2, readWrite = 3
-}
-
 /// A byte range of a memfd.
 public struct ByteRange: Sendable, Hashable, Codable {
     public var offset: UInt64
@@ -116,11 +111,6 @@ public enum RunKind: UInt8, Sendable, Codable, CaseIterable {
     case memfdPages = 1
     /// Physical page frame numbers (PFNs). Only for peers the config authorises.
     case physical = 2
-}
-
-/// Read or write access to a page range, for fences and access requests.
-public enum AccessMode: UInt8, Sendable, Codable, CaseIterable {
-    case read = 1, write = 2
 }
 
 // MARK: - Payloads
@@ -198,13 +188,14 @@ public struct AllocateRequest: Sendable, Equatable {
     /// A heap's logical name or a policy name (`any`).
     public var heap: String
     public var tag: String
-    /// v1 only: `cpu_access`, decoded (0...3) and ignored by the daemon. Not sent in v2.
-    public var cpuAccess: CPUAccessHint
+    /// v1 only: `cpu_access` (0 none, 1 read, 2 write, 3 read-write), checked by the decoder and ignored by
+    /// the daemon: access is the fd's mode (`fdFlags`). Not sent in v2.
+    public var cpuAccess: UInt8
     /// v2: the new fd's flags, a subset of ``FDFlags/valid``; v1 allocations get ``FDFlags/default``.
     public var fdFlags: UInt32
     /// v2: dma-heap heap flags; the kernel defines none, so anything but 0 is refused.
     public var heapFlags: UInt64
-    public init(size: UInt64, heap: String, tag: String, cpuAccess: CPUAccessHint = .readWrite,
+    public init(size: UInt64, heap: String, tag: String, cpuAccess: UInt8 = 3,
                 fdFlags: UInt32 = FDFlags.default, heapFlags: UInt64 = 0) {
         self.size = size; self.heap = heap; self.tag = tag; self.cpuAccess = cpuAccess
         self.fdFlags = fdFlags; self.heapFlags = heapFlags
@@ -426,6 +417,23 @@ public struct WireError: Error, Sendable, Equatable, Codable, CustomStringConver
     public var message: String
     public init(errno: Int32, code: Code, message: String) { self.errno = errno; self.code = code; self.message = message }
     public var description: String { message }
+
+    /// The one way to word a refusal: `cause (ENAME); fix`, with the errno's C name rendered here so no
+    /// caller spells it by hand (and none can get it wrong).
+    public static func refusal(_ errno: Int32, code: Code, cause: String, fix: String? = nil) -> WireError {
+        var message = "\(cause) (\(ErrnoNames.name(errno)))"
+        if let fix, !fix.isEmpty { message += "; \(fix)" }
+        return WireError(errno: errno, code: code, message: message)
+    }
+
+    /// ``refusal(_:code:cause:fix:)`` for any errno type (SystemPackage's `Errno`, say).
+    public static func refusal<E: RawRepresentable>(_ errno: E, code: Code, cause: String, fix: String? = nil) -> WireError
+        where E.RawValue == Int32 {
+        refusal(errno.rawValue, code: code, cause: cause, fix: fix)
+    }
+
+    /// The errno's C name (`EDQUOT`).
+    public var errnoName: String { ErrnoNames.name(errno) }
 }
 
 // MARK: - Messages

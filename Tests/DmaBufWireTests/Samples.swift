@@ -16,10 +16,10 @@ let requestSamples: [Sample<Request>] = [
     Sample(label: "hello", message: .hello(Hello(client: "dmabufctl/1.0 ✓")), descriptors: 0),
     Sample(label: "hello-versions", message: .hello(Hello(minimumVersion: 0, maximumVersion: .max, client: "")), descriptors: 0),
     Sample(label: "list-heaps", message: .listHeaps, descriptors: 0),
-    Sample(label: "allocate", message: .allocate(AllocateRequest(size: 1 << 20, heap: "system", tag: "frame-0", cpuAccess: .read)),
+    Sample(label: "allocate", message: .allocate(AllocateRequest(size: 1 << 20, heap: "system", tag: "frame-0", cpuAccess: 1)),
            descriptors: 0),
     Sample(label: "allocate-max-tag", message: .allocate(AllocateRequest(size: .max, heap: "any", tag: String(repeating: "é", count: 127) + "x",
-                                                                        cpuAccess: .none)), descriptors: 0),
+                                                                        cpuAccess: 0)), descriptors: 0),
     Sample(label: "create-udmabuf", message: .createUDmabuf(UDmabufRequest(size: 2 << 20, tag: "huge", hugePages: true)), descriptors: 0),
     Sample(label: "create-udmabuf-from-memfd",
            message: .createUDmabufFromMemfd(UDmabufFromMemfdRequest(

@@ -43,15 +43,15 @@ import Testing
 
     @Test("v1 encodings are unchanged: v2 fields are neither sent nor read in v1")
     func v1Unchanged() throws {
-        let allocate = Request.allocate(AllocateRequest(size: 4096, heap: "system", tag: "t", cpuAccess: .write, fdFlags: 0, heapFlags: 5))
+        let allocate = Request.allocate(AllocateRequest(size: 4096, heap: "system", tag: "t", cpuAccess: 2, fdFlags: 0, heapFlags: 5))
         let v1 = WireMessage.encode(allocate, requestID: 1, version: 1)
         let v2 = WireMessage.encode(allocate, requestID: 1, version: 2)
         #expect(v1.payload.count == 8 + 8 + 3 + 1)  // size, "system", "t", cpu_access
         #expect(v2.payload.count == 8 + 8 + 3 + 4 + 8)  // size, "system", "t", fd_flags, heap_flags
-        #expect(v1.payload.last == CPUAccessHint.write.rawValue)
+        #expect(v1.payload.last == 2)
         // v1 decodes with the defaults for what v1 cannot say; v2 drops cpu_access.
         #expect(try WireMessage.decodeRequest(v1, descriptors: 0).1
-                == .allocate(AllocateRequest(size: 4096, heap: "system", tag: "t", cpuAccess: .write)))
+                == .allocate(AllocateRequest(size: 4096, heap: "system", tag: "t", cpuAccess: 2)))
         #expect(try WireMessage.decodeRequest(v2, descriptors: 0, version: 2).1
                 == .allocate(AllocateRequest(size: 4096, heap: "system", tag: "t", fdFlags: 0, heapFlags: 5)))
         // A buffer described to a v1 client has no cgroup field.

@@ -59,7 +59,9 @@ enum dmabufd_code {
     DMABUFD_CODE_BUSY = 12,
 };
 
-enum dmabufd_access { DMABUFD_ACCESS_READ = 1, DMABUFD_ACCESS_WRITE = 2 };
+/* Fence and access modes. The wire carries read or write; read-write is sent as write (as DmaBufWire does),
+ * since a write already conflicts with every other access. */
+enum dmabufd_access { DMABUFD_ACCESS_READ = 1, DMABUFD_ACCESS_WRITE = 2, DMABUFD_ACCESS_READ_WRITE = 3 };
 enum dmabufd_run_kind { DMABUFD_RUNS_BUFFER_PAGES = 0, DMABUFD_RUNS_MEMFD_PAGES = 1, DMABUFD_RUNS_PHYSICAL = 2 };
 enum dmabufd_event_type {
     DMABUFD_EVENT_LEASE_REVOKED = 0x4001,

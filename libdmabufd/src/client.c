@@ -437,11 +437,13 @@ DMABUFD_API int dmabufd_release_lease(dmabufd_conn *c, uint64_t lease, int fence
     return ok_request(c, &q, &fence_fd, fence_fd >= 0 ? 1 : 0);
 }
 
+static uint8_t wire_access(int access) { return access == DMABUFD_ACCESS_READ_WRITE ? DMABUFD_ACCESS_WRITE : (uint8_t)access; }
+
 DMABUFD_API int dmabufd_attach_fence(dmabufd_conn *c, uint64_t buffer, uint64_t first_page, uint64_t page_count, int access,
                                      int fence_fd) {
     if (fence_fd < 0) return failure(c, EBADF, 0, "attach_fence needs a sync_file fd");
     dbw_request q = { .type = DBW_ATTACH_FENCE, .buffer = buffer, .first_page = first_page, .page_count = page_count,
-                      .access = (uint8_t)access };
+                      .access = wire_access(access) };
     return ok_request(c, &q, &fence_fd, 1);
 }
 
@@ -449,7 +451,7 @@ DMABUFD_API int dmabufd_begin_access(dmabufd_conn *c, uint64_t buffer, uint64_t 
                                      int *fence_fd) {
     if (fence_fd) *fence_fd = -1;
     dbw_request q = { .type = DBW_BEGIN_ACCESS, .buffer = buffer, .first_page = first_page, .page_count = page_count,
-                      .access = (uint8_t)access };
+                      .access = wire_access(access) };
     dbw_response r;
     int fds[DMABUFD_MAX_FDS];
     unsigned n = 0;

@@ -80,5 +80,9 @@ let package = Package(
         .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf", "DmaBufTypes", "CDmaBuf"]),
         .testTarget(name: "DmaBufCLITests", dependencies: ["DmaBufCLI", "DmaBufWire"]),
         .testTarget(name: "DmaBufClientTests", dependencies: ["DmaBufClient", "DmaBufWire", "DmaBuf"]),
+        // libdmabufd's C codec, built as a C target so its tests compare bytes with DmaBufWire.
+        .target(name: "CLibDmabufd", path: "libdmabufd", sources: ["src/wire.c", "src/client.c"], publicHeadersPath: "include",
+                cSettings: [.define("_GNU_SOURCE")]),
+        .testTarget(name: "CLibWireTests", dependencies: ["CLibDmabufd", "DmaBufWire"]),
     ]
 )

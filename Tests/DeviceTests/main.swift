@@ -23,4 +23,5 @@ if arguments.first == "--child" {
 }
 let suite = HeapTests.all + UDmabufTests.all + DmaBufferTests.all + FenceTests.all + PageRunTests.all
     + DaemonTests.all + LeaseTests.all + CLITests.all + FaultTests.all + LoadTests.all + HostileTests.all
+    + CLibTests.all
 exit(Harness.main(tests: suite, filter: arguments))

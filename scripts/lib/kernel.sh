@@ -180,12 +180,11 @@ dmabufd_kernel_find_tool() {
     return 1
 }
 
-# Downloads and extracts the newest amd64 kernel of the selected series from
-# the selected suite into DIR.  Caller holds the cache lock.
-dmabufd_kernel_fetch() {
-    local dir=$1 apt=$1/apt src mirror keyring pkg rel ver deb tmp depmod p
-    local -a opts pkgs
-
+# Writes a private apt configuration under APT for SUITE of the system's Debian
+# mirror, runs `apt-get update` with it, and leaves the apt options in the
+# global array DMABUFD_APT_OPTS.  Never touches the system's apt state.
+dmabufd_kernel_apt_setup() {
+    local apt=$1 suite=$2 src mirror keyring
     if [[ -n ${DMABUFD_DEBIAN_MIRROR:-} ]]; then
         mirror=$DMABUFD_DEBIAN_MIRROR
         keyring=${DMABUFD_DEBIAN_KEYRING:-}
@@ -197,19 +196,17 @@ dmabufd_kernel_fetch() {
         [[ $keyring == "$src" ]] && keyring=
     fi
     mirror=${mirror%/}
-    depmod=$(dmabufd_kernel_find_tool depmod) ||
-        dmabufd_kernel_die "depmod not found (install kmod)" || return 1
     command -v apt-get >/dev/null && command -v apt-cache >/dev/null && command -v dpkg-deb >/dev/null ||
         dmabufd_kernel_die "apt-get, apt-cache and dpkg-deb are required" || return 1
 
     mkdir -p "$apt/etc/preferences.d" "$apt/state/lists/partial" "$apt/cache/archives/partial" "$apt/debs" ||
         dmabufd_kernel_die "cannot create $apt" || return 1
     if [[ -n $keyring ]]; then
-        printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" "$DMABUFD_KERNEL_SUITE" >"$apt/etc/sources.list"
+        printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" "$suite" >"$apt/etc/sources.list"
     else
-        printf 'deb %s %s main\n' "$mirror" "$DMABUFD_KERNEL_SUITE" >"$apt/etc/sources.list"
+        printf 'deb %s %s main\n' "$mirror" "$suite" >"$apt/etc/sources.list"
     fi
-    opts=(
+    DMABUFD_APT_OPTS=(
         -o "Dir::Etc::SourceList=$apt/etc/sources.list"
         -o "Dir::Etc::SourceParts=/dev/null"
         -o "Dir::Etc::Preferences=/dev/null"
@@ -224,11 +221,23 @@ dmabufd_kernel_fetch() {
     )
     # The cache usually lives under a home directory that the unprivileged
     # _apt user cannot enter; apt would fall back (with a warning) anyway.
-    if [[ $EUID -eq 0 ]]; then opts+=(-o "APT::Sandbox::User=root"); fi
+    if [[ $EUID -eq 0 ]]; then DMABUFD_APT_OPTS+=(-o "APT::Sandbox::User=root"); fi
 
-    dmabufd_kernel_log "updating package lists for $DMABUFD_KERNEL_SUITE from $mirror"
-    apt-get -qq "${opts[@]}" update >&2 ||
-        dmabufd_kernel_die "apt-get update for $DMABUFD_KERNEL_SUITE failed" || return 1
+    dmabufd_kernel_log "updating package lists for $suite from $mirror"
+    apt-get -qq "${DMABUFD_APT_OPTS[@]}" update >&2 ||
+        dmabufd_kernel_die "apt-get update for $suite failed" || return 1
+}
+
+# Downloads and extracts the newest amd64 kernel of the selected series from
+# the selected suite into DIR.  Caller holds the cache lock.
+dmabufd_kernel_fetch() {
+    local dir=$1 apt=$1/apt pkg rel ver deb tmp depmod p
+    local -a opts pkgs
+
+    depmod=$(dmabufd_kernel_find_tool depmod) ||
+        dmabufd_kernel_die "depmod not found (install kmod)" || return 1
+    dmabufd_kernel_apt_setup "$apt" "$DMABUFD_KERNEL_SUITE" || return 1
+    opts=("${DMABUFD_APT_OPTS[@]}")
 
     # linux-image-6.12.N+debXX-amd64-unsigned (or the older +bpo naming);
     # the pattern excludes the -cloud-amd64 and -rt-amd64 flavours.
@@ -306,6 +315,14 @@ dmabufd_kernel_fetch() {
 
 # The CMA kernel: the shared prebuilt image when its checksum matches, else the
 # cached build of scripts/build-kernel, else build it now.
+# True when the prebuilt CMA image beside the checkout is there and matches
+# its line in SHA256SUMS.
+dmabufd_kernel_cma_prebuilt_ok() {
+    local shared=$DMABUFD_CMA_SHARED_DIR img=vmlinuz-$DMABUFD_CMA_RELEASE
+    [[ -f $shared/$img && -f $shared/SHA256SUMS ]] || return 1
+    (cd "$shared" && grep -E "^[0-9a-f]{64}  $img\$" SHA256SUMS | sha256sum -c --quiet - >/dev/null 2>&1)
+}
+
 dmabufd_kernel_cma_ensure() {
     local refresh=$1 dir shared img
     dir=$(dmabufd_kernel_cache_dir)
@@ -313,22 +330,20 @@ dmabufd_kernel_cma_ensure() {
     img=vmlinuz-$DMABUFD_CMA_RELEASE
     DMABUFD_KERNEL_RELEASE=$DMABUFD_CMA_RELEASE
     DMABUFD_KERNEL_ROOT=
-    if [[ -f $shared/$img && -f $shared/SHA256SUMS ]]; then
-        if grep -qE "^[0-9a-f]{64}  $img\$" "$shared/SHA256SUMS" &&
-            (cd "$shared" && grep -E "  $img\$" SHA256SUMS | sha256sum -c --quiet - >/dev/null 2>&1); then
-            DMABUFD_KERNEL_IMAGE=$(cd "$shared" && pwd -P)/$img
-            DMABUFD_KERNEL_PACKAGE="prebuilt $img (SHA256SUMS ok)"
-            return 0
-        fi
-        dmabufd_kernel_log "warning: $shared/$img does not match its SHA256SUMS; not using it"
+    if dmabufd_kernel_cma_prebuilt_ok; then
+        DMABUFD_KERNEL_IMAGE=$(cd "$shared" && pwd -P)/$img
+        DMABUFD_KERNEL_PACKAGE="prebuilt $img (SHA256SUMS ok)"
+        return 0
     fi
-    if ((refresh)) || [[ ! -f $dir/.complete || ! -f $dir/$img ]]; then
+    [[ -f $shared/$img ]] && dmabufd_kernel_log "warning: $shared/$img does not match its SHA256SUMS; not using it"
+    if ((refresh)) || [[ ! -f $dir/.complete || ! -f $dir/vmlinuz ]]; then
         dmabufd_kernel_log "no usable prebuilt CMA kernel in $shared; building it (scripts/build-kernel)"
-        "$dmabufd_kernel_lib_dir/../build-kernel" >&2 ||
+        "$dmabufd_kernel_lib_dir/../build-kernel" $( ((refresh)) && echo --force) >&2 ||
             dmabufd_kernel_die "scripts/build-kernel failed" || return 1
     fi
-    DMABUFD_KERNEL_IMAGE=$dir/$img
-    DMABUFD_KERNEL_PACKAGE="built by scripts/build-kernel ($(cat "$dir/package" 2>/dev/null || echo '?'))"
+    DMABUFD_KERNEL_IMAGE=$dir/vmlinuz
+    DMABUFD_KERNEL_RELEASE=$(cat "$dir/release" 2>/dev/null || echo "$DMABUFD_CMA_RELEASE")
+    DMABUFD_KERNEL_PACKAGE="built by scripts/build-kernel from $(cat "$dir/package" 2>/dev/null || echo '?')"
 }
 
 dmabufd_kernel_ensure() {

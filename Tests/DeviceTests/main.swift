@@ -21,5 +21,5 @@ if arguments.first == "--child" {
     exit(role.hasPrefix("daemon-") ? DaemonChildren.run(role: role, arguments: rest) : Children.run(role: role, arguments: rest))
 }
 let suite = HeapTests.all + UDmabufTests.all + DmaBufferTests.all + FenceTests.all + PageRunTests.all
-    + DaemonTests.all + LeaseTests.all + CLITests.all + FaultTests.all + LoadTests.all
+    + DaemonTests.all + LeaseTests.all + CLITests.all + CMATests.all + FaultTests.all + LoadTests.all
 exit(Harness.main(tests: suite, filter: arguments))

@@ -38,6 +38,8 @@ enum Requirement: Hashable, Sendable, CustomStringConvertible {
     static let swSync = Requirement.kernel(.swSync)
     /// The CMA dma-buf heap (CONFIG_DMABUF_HEAPS_CMA with a CMA region).
     static let cmaHeap = Requirement.kernel(.cmaHeap)
+    /// vgem as a loadable module (=m), so a test can unload and load it.
+    static let vgemModule = Requirement.kernel(.vgemModule)
 
     var description: String {
         switch self {
@@ -89,6 +91,7 @@ enum Requirement: Hashable, Sendable, CustomStringConvertible {
 enum KernelFeature: String, Hashable, Sendable, CustomStringConvertible, CaseIterable {
     case swSync = "sw_sync"
     case cmaHeap = "the CMA heap"
+    case vgemModule = "vgem as a loadable module"
 
     var description: String { rawValue }
 
@@ -97,6 +100,7 @@ enum KernelFeature: String, Hashable, Sendable, CustomStringConvertible, CaseIte
         switch self {
         case .swSync: SwSyncTimeline.isAvailable()
         case .cmaHeap: !CMAFacts.heapNames().isEmpty
+        case .vgemModule: Harness.moduleExists("vgem")
         }
     }
 
@@ -104,7 +108,7 @@ enum KernelFeature: String, Hashable, Sendable, CustomStringConvertible, CaseIte
     /// (then a lacking feature is a failure in the VM, as for devices).
     static var expected: Set<KernelFeature>? {
         switch Harness.vmKernel {
-        case "6.12", "7.3": []
+        case "6.12", "7.3": [.vgemModule]
         case "7.3-cma": [.swSync, .cmaHeap]
         default: nil
         }
@@ -149,6 +153,15 @@ enum Harness {
         var chunk = [UInt8](repeating: 0, count: 65536)
         while let n = try? chunk.withUnsafeMutableBytes({ try fd.read(into: $0) }), n > 0 { bytes += chunk[0..<n] }
         return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// True when this kernel's modules.dep lists `name`.ko (built-in drivers and module-less kernels: false).
+    static func moduleExists(_ name: String) -> Bool {
+        var u = utsname()
+        uname(&u)
+        let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let dep = readFile("/lib/modules/\(release)/modules.dep") ?? ""
+        return dep.split(separator: "\n").contains { $0.hasPrefix("kernel/") && $0.contains("/\(name).ko") }
     }
 
     static func readNumber(_ path: String) -> Int? {
@@ -242,7 +255,11 @@ enum Harness {
         var passed = 0, failed = 0, skipped = 0, notApplicableCount = 0
         var lacking: Set<KernelFeature> = []
         say("device tests: \(tests.count) registered; \(inVM ? "inside the VM (kernel \(vmKernel.isEmpty ? "?" : vmKernel)): missing devices fail" : "on this host: missing devices skip")")
-        for test in tests where filter.isEmpty || filter.contains(where: { test.name.hasPrefix($0) }) {
+        // A filter is a name prefix to run; one starting with "-" excludes that prefix (scripts/test runs the
+        // long fault and load tests on one kernel only).
+        let include = filter.filter { !$0.hasPrefix("-") }, exclude = filter.filter { $0.hasPrefix("-") }.map { String($0.dropFirst()) }
+        for test in tests where (include.isEmpty || include.contains(where: { test.name.hasPrefix($0) }))
+            && !exclude.contains(where: { test.name.hasPrefix($0) }) {
             if let feature = notApplicable(test) {
                 notApplicableCount += 1
                 lacking.insert(feature)

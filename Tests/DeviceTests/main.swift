@@ -4,7 +4,8 @@ import DmaBuf
 import Glibc
 #endif
 
-// `dmabuf-device-tests [PREFIX...]` runs the suite (tests whose names start with a PREFIX);
+// `dmabuf-device-tests [PREFIX...] [-PREFIX...]` runs the suite (tests whose names start with a PREFIX, less
+// those starting with a -PREFIX);
 // `dmabuf-device-tests --child ROLE ARGS...` is how tests start a second process.
 let arguments = Array(CommandLine.arguments.dropFirst())
 // Tests hold many buffers at once, one fd each: use every descriptor the hard limit allows.

@@ -337,7 +337,7 @@ dmabufd_kernel_cma_ensure() {
     fi
     [[ -f $shared/$img ]] && dmabufd_kernel_log "warning: $shared/$img does not match its SHA256SUMS; not using it"
     if ((refresh)) || [[ ! -f $dir/.complete || ! -f $dir/vmlinuz ]]; then
-        dmabufd_kernel_log "no usable prebuilt CMA kernel in $shared; building it (scripts/build-kernel)"
+        dmabufd_kernel_log "no usable prebuilt CMA kernel in $shared; building it with scripts/build-kernel: about 20 minutes on 2 cores"
         "$dmabufd_kernel_lib_dir/../build-kernel" $( ((refresh)) && echo --force) >&2 ||
             dmabufd_kernel_die "scripts/build-kernel failed" || return 1
     fi

@@ -22,6 +22,8 @@ _Static_assert(sizeof(struct sync_fence_info) == 80, "sync_fence_info");
 _Static_assert(sizeof(struct sync_file_info) == 56, "sync_file_info");
 _Static_assert(sizeof(struct CDmaBuf_vgem_fence_attach) == 16, "drm_vgem_fence_attach");
 _Static_assert(sizeof(struct CDmaBuf_vgem_fence_signal) == 8, "drm_vgem_fence_signal");
+_Static_assert(sizeof(struct CDmaBuf_sw_sync_create_fence_data) == 40, "sw_sync_create_fence_data");
+_Static_assert(offsetof(struct CDmaBuf_sw_sync_create_fence_data, fence) == 36, "sw_sync_create_fence_data.fence");
 
 // uapi/drm/drm.h: DRM_IOCTL_BASE 'd', DRM_COMMAND_BASE 0x40; vgem: FENCE_ATTACH 0x1, FENCE_SIGNAL 0x2.
 #define CDMABUF_DRM_COMMAND_BASE 0x40
@@ -48,6 +50,8 @@ struct CDmaBuf_drm_gem_close { uint32_t handle, pad; };
 _Static_assert(sizeof(struct CDmaBuf_drm_mode_create_dumb) == 32, "drm_mode_create_dumb");
 const unsigned long CDmaBuf_DRM_IOCTL_MODE_CREATE_DUMB = _IOWR('d', 0xB2, struct CDmaBuf_drm_mode_create_dumb);
 const unsigned long CDmaBuf_DRM_IOCTL_GEM_CLOSE = _IOW('d', 0x09, struct CDmaBuf_drm_gem_close);
+const unsigned long CDmaBuf_SW_SYNC_IOC_CREATE_FENCE = _IOWR('W', 0, struct CDmaBuf_sw_sync_create_fence_data);
+const unsigned long CDmaBuf_SW_SYNC_IOC_INC = _IOW('W', 1, uint32_t);
 
 const uint64_t CDmaBuf_DMA_BUF_SYNC_READ = DMA_BUF_SYNC_READ;
 const uint64_t CDmaBuf_DMA_BUF_SYNC_WRITE = DMA_BUF_SYNC_WRITE;

@@ -39,7 +39,7 @@ enum Bench {
             case "--only": options.only = Set((value() ?? "").split(separator: ",").map { String($0).uppercased() })
             default:
                 Harness.warn("bench: unknown option \(arguments[i])")
-                Harness.warn("usage: dmabuf-device-tests --bench --floor PATH [--rounds N] [--soak CYCLES] [--p2-seconds S] [--only P1,P2,P3,P4,P5,X,SOAK,PHASES]")
+                Harness.warn("usage: dmabuf-device-tests --bench --floor PATH [--rounds N] [--soak CYCLES] [--p2-seconds S] [--only P1,P2,P3,P4,P5,X,CMA,SOAK,PHASES]")
                 return 64
             }
             i += 1
@@ -91,6 +91,11 @@ enum Bench {
         if options.wants("P3") { try p3(connection, report, rounds: options.rounds) }
         if options.wants("P4") { try p4(floor, connection, report, rounds: options.rounds) }
         if options.wants("X") { try extras(floor, connection, report, rounds: options.rounds) }
+        // Only kernels with a CMA heap (7.3-cma) have this row; elsewhere it is left out, and said so.
+        if options.wants("CMA") {
+            if CMAFacts.heapNames().isEmpty { Harness.say("bench: no CMA heap on this kernel: row C1 left out") }
+            else { try cmaRow(floor, connection, report, rounds: options.rounds) }
+        }
         report.print()
         if options.wants("SOAK") && options.soakCycles > 0 {
             Harness.say("soak: \(options.soakCycles) abrupt-client cycles (the fault.abrupt-clients test, scaled up), seed 0x\(String(FaultRun.seed, radix: 16))")
@@ -137,6 +142,42 @@ enum Bench {
                        goal: goal.map { .atMost($0) },
                        detail: "daemon \(us(median(daemon))); raw alloc \(us(median(rawAlloc))) + RT \(us(median(rawRT))); empty request \(us(median(empty)))\(extra)")
         }
+    }
+
+    // MARK: - C1: a 16 MiB CMA allocation through dmabufd against raw, in the same boot
+
+    /// Raw: DMA_HEAP_IOCTL_ALLOC of 16 MiB on the CMA heap in this process (the heap fd opened once, as the
+    /// floor does for the system heap) plus the floor's fd round trip; through dmabufd: `allocate` on the
+    /// logical `cma` heap. Each buffer is freed before the next, so the 64 MiB region never fills.
+    static func cmaRow(_ floor: Floor, _ connection: DmaBufConnection, _ report: Report, rounds: Int) throws {
+        let size = 16 << 20, n = 5
+        let heap = try DmaHeap(named: CMAFacts.heapNames().contains("default_cma_region") ? "default_cma_region" : CMAFacts.heapNames()[0])
+        var raw: [Double] = [], rawAlloc: [Double] = [], rawRT: [Double] = [], daemon: [Double] = []
+        for round in 0...rounds {
+            var allocs: [Double] = []
+            for _ in 0..<n {
+                let t0 = nowNS()
+                let buffer = try heap.allocate(length: size)
+                allocs.append(Double(nowNS() - t0))
+                _ = consume buffer
+            }
+            let rt = try floor.ask("rt \(n)")
+            var samples: [Double] = []
+            for _ in 0..<n {
+                let t0 = nowNS()
+                let buffer = try connection.allocate(size: size, heap: "cma", tag: "c1")
+                samples.append(Double(nowNS() - t0))
+                let id = buffer.info.id
+                _ = consume buffer
+                try connection.release(id)
+            }
+            guard round > 0 else { continue }
+            rawAlloc.append(median(allocs)); rawRT.append(rt); raw.append(median(allocs) + rt)
+            daemon.append(median(samples))
+        }
+        report.add("C1", "alloc 16 MiB from the CMA heap via dmabufd / (raw CMA alloc + fd round trip)", ratios: zip(daemon, raw).map { $0 / $1 },
+                   goal: .atMost(1.05),
+                   detail: "daemon \(us(median(daemon))); raw CMA alloc \(us(median(rawAlloc))) + RT \(us(median(rawRT)))")
     }
 
     /// What the daemon does per allocation besides the ioctl and the messages, repeated here to size it:

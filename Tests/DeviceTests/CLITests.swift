@@ -10,7 +10,7 @@ import Glibc
 private let system: [Requirement] = [.heap("system"), .root]
 
 /// Runs the real `dmabufctl` (next to this binary) against `daemon` and returns its exit status and output.
-private func dmabufctl(_ daemon: TestDaemon?, _ arguments: String...) throws -> (status: Int32, out: String, err: String) {
+func dmabufctl(_ daemon: TestDaemon?, _ arguments: String...) throws -> (status: Int32, out: String, err: String) {
     TestDaemon.counter += 1
     let base = "/tmp/dmabufctl-\(getpid())-\(TestDaemon.counter)"
     let out = try FileDescriptor.open(base + ".out", .writeOnly, options: [.create, .truncate], permissions: .ownerReadWrite)
@@ -23,7 +23,7 @@ private func dmabufctl(_ daemon: TestDaemon?, _ arguments: String...) throws -> 
     return (status, Harness.readFile(base + ".out") ?? "", Harness.readFile(base + ".err") ?? "")
 }
 
-private func expectOK(_ result: (status: Int32, out: String, err: String), _ parts: String..., file: StaticString = #fileID, line: UInt = #line) throws {
+func expectOK(_ result: (status: Int32, out: String, err: String), _ parts: String..., file: StaticString = #fileID, line: UInt = #line) throws {
     try expect(result.status == 0, "exit \(result.status), stderr: \(result.err)", file: file, line: line)
     for part in parts where !result.out.contains(part) {
         throw TestFailure(description: "output lacks '\(part)':\n\(result.out) [\(file):\(line)]")

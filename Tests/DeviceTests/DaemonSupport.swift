@@ -146,6 +146,42 @@ struct VgemFence {
     func signal() throws { try device.device.vgemSignalFence(fence) }
 }
 
+/// A fence that signals exactly when the test says: a sw_sync fence where the kernel has sw_sync (its own
+/// timeline, fence at 1, signalled by advancing to 1), else a vgem fence, which vgem also signals by itself
+/// after about 10 s — under TCG a slow test can see that happen first, and `signal()` then fails ETIMEDOUT.
+struct TestFence {
+    let syncFile: SyncFile
+    /// "sw_sync" or "vgem": the fence's driver as SYNC_IOC_FILE_INFO reports it.
+    let driver: String
+    private let signalBody: () throws -> Void
+
+    /// True when this kernel gives exact fences (sw_sync); the vgem path is used otherwise, or when
+    /// DMABUFD_TEST_FENCES=vgem asks for it (to compare the two on one kernel).
+    static var exact: Bool {
+        getenv("DMABUFD_TEST_FENCES").map { String(cString: $0) } != "vgem" && SwSyncTimeline.isAvailable()
+    }
+
+    static func make(write: Bool = true) throws -> TestFence {
+        if exact {
+            let timeline = SwSyncTimelineBox(try SwSyncTimeline())
+            let syncFile = try timeline.timeline.fence(at: 1)
+            return TestFence(syncFile: syncFile, driver: "sw_sync") { try timeline.advance() }
+        }
+        let fence = try VgemFence.make(write: write)
+        return TestFence(syncFile: fence.syncFile, driver: "vgem") { try fence.signal() }
+    }
+
+    func signal() throws { try signalBody() }
+}
+
+/// Keeps a noncopyable timeline open for as long as a fence on it may still be signalled (closing it would
+/// signal the fence with ENOENT).
+final class SwSyncTimelineBox: @unchecked Sendable {
+    var timeline: SwSyncTimeline
+    init(_ timeline: consuming SwSyncTimeline) { self.timeline = timeline }
+    func advance() throws { try timeline.advance(by: 1) }
+}
+
 /// Lets a noncopyable DRMDevice live in a copyable value.
 final class DRMDeviceBox {
     let device: DRMDevice

@@ -98,7 +98,7 @@ struct FaultCycles {
     /// Dma-buf fds kept past their connection, so the daemon must drain them once they are dropped.
     private var kept: [DmaBuffer] = []
     /// vgem fences attached through dying connections; signalled at the end.
-    private var fences: [VgemFence] = []
+    private var fences: [TestFence] = []
     /// How each cycle ended, by kind.
     private(set) var endings: [String: Int] = [:]
 
@@ -201,14 +201,14 @@ struct FaultCycles {
         case 70..<78 where !leases.isEmpty:
             let lease = leases.removeLast()
             if useFences && rng.chance(0.2) {
-                let fence = try VgemFence.make()
+                let fence = try TestFence.make()
                 fences.append(fence)
                 try connection.releaseLease(lease, fence: fence.syncFile)
             } else {
                 try connection.releaseLease(lease)
             }
         case 78..<83 where useFences && !held.isEmpty:
-            let fence = try VgemFence.make()
+            let fence = try TestFence.make()
             fences.append(fence)
             let buffer = held.randomElement(using: &rng)!
             let pages = UInt64(buffer.info.size) / UInt64(pageSize)
@@ -360,7 +360,7 @@ enum FaultRun {
     static let minimumCycles = 150
 }
 
-private let heapAndUDmabuf: [Requirement] = [.heap("system"), .udmabuf, .root, .vgem]
+private let heapAndUDmabuf: [Requirement] = [.heap("system"), .udmabuf, .root, .fence]
 
 enum FaultTests {
     /// The most VmRSS the daemon may keep above its warm baseline after a run.

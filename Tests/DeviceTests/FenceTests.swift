@@ -1,6 +1,9 @@
 // Fence tests with real dma-fences from vgem: a dumb buffer gets an unsignalled fence (VGEM_FENCE_ATTACH)
 // that the test signals itself (VGEM_FENCE_SIGNAL). vgem would signal it on its own after about 10 s, so
-// every test signals well before that, and no test depends on that timer.
+// every test signals well before that, and no test depends on that timer. The fence.swsync-* tests do the
+// same with sw_sync timelines (exact: a fence signals when the test advances its timeline, never by itself);
+// they apply on kernels with CONFIG_SW_SYNC (7.3-cma), and the daemon's fence tests use sw_sync there too
+// (TestFence in DaemonSupport.swift).
 import DmaBuf
 import SystemPackage
 
@@ -198,6 +201,58 @@ enum FenceTests {
                 try drm.vgemSignalFence(fence)
             }
             try merged.wait(timeout: .seconds(2))
+        },
+        // sw_sync: exact fences (the 7.3-cma kernel; not applicable on Debian's kernels, which lack SW_SYNC).
+        DeviceTest("fence.swsync-pending-until-timeline-reaches-value", requires: [.swSync, .root]) {
+            var timeline = try SwSyncTimeline()
+            let fence = try timeline.fence(at: 2, name: "at-two")
+            let info = try fence.info()
+            try expectEqual(info.status, .active, "status at 0")
+            try expectEqual(info.fences.first?.driver, "sw_sync", "driver")
+            try timeline.advance(by: 1)
+            try expect(!(try fence.isSignaled()), "signalled at 1, before its value 2")
+            try expectError(Errno.timerExpired, "did not signal within") { try fence.wait(timeout: .zero) }
+            try timeline.advance(by: 1)
+            try fence.wait(timeout: .zero)
+            try expectEqual(try fence.info().status, .signaled, "status at 2")
+            try expectEqual(timeline.value, 2, "timeline value")
+        },
+        DeviceTest("fence.swsync-reached-value-signalled-at-once", requires: [.swSync, .root]) {
+            var timeline = try SwSyncTimeline()
+            try timeline.advance(to: 5)
+            try expect(try timeline.fence(at: 3).isSignaled(), "a fence below the timeline's value is signalled")
+            try expect(!(try timeline.fence(at: 6).isSignaled()), "a fence above it is pending")
+        },
+        DeviceTest("fence.swsync-closed-timeline-signals-enoent", requires: [.swSync, .root]) {
+            // Closing the timeline signals what is still pending on it, with an error: a dying producer can
+            // never leave a waiter hanging.
+            let fence: SyncFile
+            do {
+                let timeline = try SwSyncTimeline()
+                fence = try timeline.fence(at: 1)
+                try expect(!(try fence.isSignaled()), "pending while the timeline is open")
+            }
+            try fence.wait(timeout: .seconds(2))
+            try expectEqual(try fence.info().status, .error(.noSuchFileOrDirectory), "status after close")
+        },
+        DeviceTest("fence.swsync-imported-into-heap-buffer", requires: [.swSync, .root, .heap("system")]) {
+            var timeline = try SwSyncTimeline()
+            let buffer = try DmaHeap(named: "system").allocate(length: 4096)
+            try buffer.importSyncFile(try timeline.fence(at: 1), access: .write)
+            let exported = try buffer.exportSyncFile(.read)
+            try expect(!(try exported.isSignaled()), "the buffer's reservation waits for the sw_sync fence")
+            try expectEqual(try exported.info().fences.first?.driver, "sw_sync", "imported fence's driver")
+            try timeline.advance()
+            try exported.wait(timeout: .zero)
+        },
+        DeviceTest("fence.swsync-merge-signals-after-both", requires: [.swSync, .root]) {
+            var first = try SwSyncTimeline(), second = try SwSyncTimeline()
+            let merged = try first.fence(at: 1).merge(try second.fence(at: 1))
+            try expectEqual(try merged.info().fences.count, 2, "fences in the merge")
+            try first.advance()
+            try expect(!(try merged.isSignaled()), "merge signalled after one of two")
+            try second.advance()
+            try merged.wait(timeout: .zero)
         },
         DeviceTest("fence.import-non-syncfile-einval", requires: [.heap("system")]) {
             let heapBuffer = try DmaHeap(named: "system").allocate(length: 4096)

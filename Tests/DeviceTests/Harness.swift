@@ -5,6 +5,12 @@
 // Missing devices: outside the VM a test whose requirement is absent is skipped with the reason; inside
 // the VM (DMABUFD_IN_VM=1, set by scripts/vm) the same absence is a failure, because there the devices
 // must exist and a skip would hide a broken setup.
+//
+// Kernel features that only some test kernels have (sw_sync, the CMA heap) are different: a test that needs
+// one is "not applicable" on a kernel without it, printed as `N/A name: reason` and counted apart. So that
+// this never hides a broken setup, the VM names its kernel (DMABUFD_VM_KERNEL, set by scripts/vm) and the
+// harness knows which features each test kernel has (`KernelFeature.expected`): a feature that kernel must
+// have and lacks is a failure, like a missing device.
 import DmaBuf
 import SystemPackage
 
@@ -24,6 +30,16 @@ enum Requirement: Hashable, Sendable, CustomStringConvertible {
     case root
     /// At least this many free 2 MiB huge pages (the harness tries to reserve them as root).
     case hugePages(Int)
+    /// A fence source the test controls: sw_sync where the kernel has it, else vgem (see `TestFence`).
+    case fence
+    /// A kernel feature only some test kernels have (not applicable elsewhere, see above).
+    case kernel(KernelFeature)
+    /// sw_sync timelines (`/sys/kernel/debug/sync/sw_sync`, CONFIG_SW_SYNC).
+    static let swSync = Requirement.kernel(.swSync)
+    /// The CMA dma-buf heap (CONFIG_DMABUF_HEAPS_CMA with a CMA region).
+    static let cmaHeap = Requirement.kernel(.cmaHeap)
+    /// vgem as a loadable module (=m), so a test can unload and load it.
+    static let vgemModule = Requirement.kernel(.vgemModule)
 
     var description: String {
         switch self {
@@ -32,12 +48,14 @@ enum Requirement: Hashable, Sendable, CustomStringConvertible {
         case .vgem: "a vgem DRM device"
         case .root: "root"
         case .hugePages(let n): "\(n) free huge pages"
+        case .kernel(let feature): feature.description
+        case .fence: "sw_sync or a vgem DRM device"
         }
     }
 
     var hasSideEffects: Bool {
         switch self {
-        case .vgem, .hugePages: true
+        case .vgem, .hugePages, .fence: true
         default: false
         }
     }
@@ -61,6 +79,38 @@ enum Requirement: Hashable, Sendable, CustomStringConvertible {
             }
             let free = Harness.freeHugePages()
             return free >= n ? nil : "only \(free) free huge pages, need \(n) (echo N > /proc/sys/vm/nr_hugepages)"
+        case .kernel(let feature):
+            return feature.isPresent ? nil : "this kernel lacks \(feature)"
+        case .fence:
+            return TestFence.exact ? nil : Requirement.vgem.unmetReason().map { "no sw_sync and \($0)" }
+        }
+    }
+}
+
+/// Kernel features that decide which tests apply on which test kernel.
+enum KernelFeature: String, Hashable, Sendable, CustomStringConvertible, CaseIterable {
+    case swSync = "sw_sync"
+    case cmaHeap = "the CMA heap"
+    case vgemModule = "vgem as a loadable module"
+
+    var description: String { rawValue }
+
+    /// Read from the running kernel, never from its name.
+    var isPresent: Bool {
+        switch self {
+        case .swSync: SwSyncTimeline.isAvailable()
+        case .cmaHeap: !CMAFacts.heapNames().isEmpty
+        case .vgemModule: Harness.moduleExists("vgem")
+        }
+    }
+
+    /// What each of scripts/vm's kernels has; nil outside the VM or for a kernel the harness does not know
+    /// (then a lacking feature is a failure in the VM, as for devices).
+    static var expected: Set<KernelFeature>? {
+        switch Harness.vmKernel {
+        case "6.12", "7.3": [.vgemModule]
+        case "7.3-cma": [.swSync, .cmaHeap]
+        default: nil
         }
     }
 }
@@ -84,6 +134,8 @@ struct DeviceTest: Sendable {
 
 enum Harness {
     static let inVM = getenv("DMABUFD_IN_VM").map { String(cString: $0) == "1" } ?? false
+    /// scripts/vm's name for the kernel the VM booted (6.12, 7.3, 7.3-cma); empty outside the VM.
+    static let vmKernel = getenv("DMABUFD_VM_KERNEL").map { String(cString: $0) } ?? ""
     nonisolated(unsafe) static var vgemTried = false  // the harness is single-threaded
 
     static func loadVgemOnce() {
@@ -101,6 +153,15 @@ enum Harness {
         var chunk = [UInt8](repeating: 0, count: 65536)
         while let n = try? chunk.withUnsafeMutableBytes({ try fd.read(into: $0) }), n > 0 { bytes += chunk[0..<n] }
         return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// True when this kernel's modules.dep lists `name`.ko (built-in drivers and module-less kernels: false).
+    static func moduleExists(_ name: String) -> Bool {
+        var u = utsname()
+        uname(&u)
+        let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let dep = readFile("/lib/modules/\(release)/modules.dep") ?? ""
+        return dep.split(separator: "\n").contains { $0.hasPrefix("kernel/") && $0.contains("/\(name).ko") }
     }
 
     static func readNumber(_ path: String) -> Int? {
@@ -179,11 +240,32 @@ enum Harness {
         return String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
     }
 
+    /// The kernel feature that makes `test` not applicable here: one it needs, this kernel lacks, and (in the
+    /// VM) this test kernel is not meant to have. Nil when the test should run (or fail for a broken setup).
+    static func notApplicable(_ test: DeviceTest) -> KernelFeature? {
+        for case .kernel(let feature) in test.requires where !feature.isPresent {
+            let mustHave = inVM && (KernelFeature.expected?.contains(feature) ?? true)
+            if !mustHave { return feature }
+        }
+        return nil
+    }
+
     /// Runs the suite and returns the process exit code.
     static func main(tests: [DeviceTest], filter: [String]) -> Int32 {
-        var passed = 0, failed = 0, skipped = 0
-        say("device tests: \(tests.count) registered; \(inVM ? "inside the VM: missing devices fail" : "on this host: missing devices skip")")
-        for test in tests where filter.isEmpty || filter.contains(where: { test.name.hasPrefix($0) }) {
+        var passed = 0, failed = 0, skipped = 0, notApplicableCount = 0
+        var lacking: Set<KernelFeature> = []
+        say("device tests: \(tests.count) registered; \(inVM ? "inside the VM (kernel \(vmKernel.isEmpty ? "?" : vmKernel)): missing devices fail" : "on this host: missing devices skip")")
+        // A filter is a name prefix to run; one starting with "-" excludes that prefix (scripts/test runs the
+        // long fault and load tests on one kernel only).
+        let include = filter.filter { !$0.hasPrefix("-") }, exclude = filter.filter { $0.hasPrefix("-") }.map { String($0.dropFirst()) }
+        for test in tests where (include.isEmpty || include.contains(where: { test.name.hasPrefix($0) }))
+            && !exclude.contains(where: { test.name.hasPrefix($0) }) {
+            if let feature = notApplicable(test) {
+                notApplicableCount += 1
+                lacking.insert(feature)
+                say("N/A \(test.name): this kernel lacks \(feature)")
+                continue
+            }
             // Requirements with side effects (loading vgem, reserving huge pages) are checked last, so a
             // host that lacks the devices is never changed by a test that would skip anyway.
             let ordered = test.requires.filter { !$0.hasSideEffects } + test.requires.filter(\.hasSideEffects)
@@ -207,7 +289,8 @@ enum Harness {
                 say("FAIL \(test.name): \(error)")
             }
         }
-        say("device: \(passed) passed, \(failed) failed, \(skipped) skipped")
+        let lacks = lacking.map(\.description).sorted().joined(separator: ", ")
+        say("device: \(passed) passed, \(failed) failed, \(skipped) skipped, \(notApplicableCount) not applicable\(lacks.isEmpty ? "" : " (kernel lacks \(lacks))")")
         return failed == 0 ? 0 : 1
     }
 }
@@ -263,4 +346,10 @@ extension String {
         while let l = s.last, set.contains(l) { s = s.dropLast() }
         return String(s)
     }
+}
+
+/// Unwraps `value`, failing the test with `what` when it is nil.
+func expectSome<T>(_ value: T?, _ what: String, file: StaticString = #fileID, line: UInt = #line) throws -> T {
+    guard let value else { throw TestFailure(description: "\(what): got nothing [\(file):\(line)]") }
+    return value
 }

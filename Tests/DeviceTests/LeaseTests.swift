@@ -8,7 +8,7 @@ import Glibc
 #endif
 
 private let system: [Requirement] = [.heap("system"), .root]
-private let fenced: [Requirement] = [.heap("system"), .root, .vgem]
+private let fenced: [Requirement] = [.heap("system"), .root, .fence]
 private let udmabuf: [Requirement] = [.udmabuf, .root]
 
 /// Waits for an event matching `match`, failing after `timeout`.
@@ -128,7 +128,7 @@ enum LeaseTests {
                 let root = try daemon.connect("observer")
                 let id: BufferID
                 let lease: LeaseID
-                let fence = try VgemFence.make()
+                let fence = try TestFence.make()
                 let holder = try daemon.connect("holder")
                 do {
                     let buffer = try holder.allocate(size: 1 << 20, heap: "system", tag: "leased")
@@ -147,7 +147,7 @@ enum LeaseTests {
         DeviceTest("lease.client-dies-with-pending-fence", requires: fenced) {
             try withDaemon { daemon in
                 let root = try daemon.connect("observer")
-                let fence = try VgemFence.make()
+                let fence = try TestFence.make()
                 let (mine, theirs) = try UnixSocket.pair(.seqpacket)
                 let channel = Channel(socket: mine)
                 let pid = try Harness.child("daemon-lease-fence-die", [daemon.socketPath], fds: [theirs.descriptor])
@@ -168,7 +168,7 @@ enum LeaseTests {
             try withDaemon { daemon in
                 let connection = try daemon.connect()
                 let buffer = try connection.allocate(size: 64 * 4096, heap: "system")
-                let fence = try VgemFence.make(write: false)
+                let fence = try TestFence.make(write: false)
                 try connection.attachFence(fence.syncFile, buffer: buffer.info.id, firstPage: 0, pageCount: 4, access: .read)
                 let (count, file) = try connection.beginAccess(buffer: buffer.info.id, firstPage: 2, pageCount: 4, access: .read)
                 try expectEqual(count, 0, "fences a reader waits for")
@@ -180,7 +180,7 @@ enum LeaseTests {
             try withDaemon { daemon in
                 let connection = try daemon.connect()
                 let buffer = try connection.allocate(size: 64 * 4096, heap: "system")
-                let fence = try VgemFence.make(write: false)
+                let fence = try TestFence.make(write: false)
                 try connection.attachFence(fence.syncFile, buffer: buffer.info.id, firstPage: 0, pageCount: 4, access: .read)
                 let (count, file) = try connection.beginAccess(buffer: buffer.info.id, firstPage: 3, pageCount: 4, access: .write)
                 try expectEqual(count, 1, "fences a writer waits for")
@@ -193,8 +193,8 @@ enum LeaseTests {
             try withDaemon { daemon in
                 let connection = try daemon.connect()
                 let buffer = try connection.allocate(size: 64 * 4096, heap: "system")
-                let write = try VgemFence.make(write: true)
-                let read = try VgemFence.make(write: false)
+                let write = try TestFence.make(write: true)
+                let read = try TestFence.make(write: false)
                 try connection.attachFence(write.syncFile, buffer: buffer.info.id, firstPage: 10, pageCount: 2, access: .write)
                 try connection.attachFence(read.syncFile, buffer: buffer.info.id, firstPage: 10, pageCount: 10, access: .read)
                 try expectEqual(try connection.beginAccess(buffer: buffer.info.id, firstPage: 11, pageCount: 9, access: .read).fences, 1, "reader waits for the write only")
@@ -209,7 +209,7 @@ enum LeaseTests {
             try withDaemon { daemon in
                 let connection = try daemon.connect()
                 let buffer = try connection.allocate(size: 64 * 4096, heap: "system")
-                let a = try VgemFence.make(), b = try VgemFence.make(), c = try VgemFence.make()
+                let a = try TestFence.make(), b = try TestFence.make(), c = try TestFence.make()
                 try connection.attachFence(a.syncFile, buffer: buffer.info.id, firstPage: 0, pageCount: 8, access: .write)
                 try connection.attachFence(b.syncFile, buffer: buffer.info.id, firstPage: 8, pageCount: 8, access: .write)
                 try connection.attachFence(c.syncFile, buffer: buffer.info.id, firstPage: 32, pageCount: 8, access: .write)
@@ -226,7 +226,7 @@ enum LeaseTests {
             try withDaemon { daemon in
                 let connection = try daemon.connect()
                 let buffer = try connection.allocate(size: 16 * 4096, heap: "system")
-                let fence = try VgemFence.make()
+                let fence = try TestFence.make()
                 try connection.attachFence(fence.syncFile, buffer: buffer.info.id, access: .write)
                 let seenByKernel = try buffer.buffer.exportSyncFile(.read)
                 try expect(!(try seenByKernel.isSignaled()), "the dma-buf's own reservation holds the fence")
@@ -238,7 +238,7 @@ enum LeaseTests {
             try withDaemon { daemon in
                 let connection = try daemon.connect()
                 let buffer = try connection.allocate(size: 16 * 4096, heap: "system")
-                let fence = try VgemFence.make()
+                let fence = try TestFence.make()
                 try connection.attachFence(fence.syncFile, buffer: buffer.info.id, firstPage: 0, pageCount: 4, access: .write)
                 try expectEqual(try connection.stats().pendingFences, 1, "pending")
                 try fence.signal()

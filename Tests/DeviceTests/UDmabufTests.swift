@@ -41,9 +41,15 @@ enum UDmabufTests {
             _ = try DmaBuffer(checking: buffer.fd)
         },
         DeviceTest("udmabuf.limits-from-sysfs", requires: udmabuf) {
+            // The defaults moved: size_limit_mb is 64 up to 6.x and INT_MAX from 7.0 on. Whatever this kernel
+            // says, the library must read exactly that, and it must be one of the two known defaults.
             let device = try UDmabuf()
-            try expectEqual(device.limits, UDmabuf.Limits(sizeLimitMB: 64, listLimit: 1024), "module defaults")
-            try expectEqual(device.limits.sizeLimitBytes, 64 << 20, "bytes")
+            let sizeLimit = try expectSome(Harness.readNumber(sizeLimitPath), "read \(sizeLimitPath)")
+            let listLimit = try expectSome(Harness.readNumber(listLimitPath), "read \(listLimitPath)")
+            try expectEqual(device.limits, UDmabuf.Limits(sizeLimitMB: sizeLimit, listLimit: listLimit), "limits vs sysfs")
+            try expect([64, Int(Int32.max)].contains(sizeLimit), "size_limit_mb \(sizeLimit) is neither 6.x's 64 nor 7.x's INT_MAX")
+            try expectEqual(listLimit, 1024, "list_limit default")
+            try expectEqual(device.limits.sizeLimitBytes, sizeLimit << 20, "bytes")
         },
         DeviceTest("udmabuf.offset-half-page-einval", requires: udmabuf) {
             let memfd = try Memfd(name: "udmabuf-offset", size: 4 * pageSize)
@@ -111,7 +117,8 @@ enum UDmabufTests {
                 try UDmabuf().create(list: [.init(memfd: memfd.fd.descriptor, offset: 3 * page, size: 2 * page)])
             }
         },
-        DeviceTest("udmabuf.over-size-limit", requires: udmabuf) {
+        DeviceTest("udmabuf.over-size-limit", requires: udmabuf + [.root]) {
+          try withSizeLimit(64) {
             // Sparse: ftruncate allocates nothing, and the refusal comes before any page is pinned.
             let memfd = try Memfd(name: "udmabuf-big", size: 65 << 20)
             try expectError(.invalidArgument, "MiB exceeds the module's size_limit_mb=64", "raise /sys/module/udmabuf/parameters/size_limit_mb") {
@@ -125,8 +132,10 @@ enum UDmabufTests {
                     .init(memfd: fd, offset: (32 << 20) + 2 * page, size: 32 << 20),
                 ])
             }
+          }
         },
-        DeviceTest("udmabuf.kernel-agrees-size-limit", requires: udmabuf) {
+        DeviceTest("udmabuf.kernel-agrees-size-limit", requires: udmabuf + [.root]) {
+          try withSizeLimit(64) {
             // Tell our check the limit is larger than it is: the kernel must then refuse by itself.
             let directory = try fakeParameters(sizeLimitMB: 4096, listLimit: 1024)
             defer { Descriptor.remove(directory: directory, files: ["size_limit_mb", "list_limit"]) }
@@ -136,6 +145,7 @@ enum UDmabufTests {
             try expectError(.invalidArgument, "the kernel refused the request") {
                 try device.create(memfd: memfd.fd.descriptor, size: UInt64(64 << 20) + page)
             }
+          }
         },
         DeviceTest("udmabuf.over-list-limit", requires: udmabuf) {
             // 1025 single pages, none adjacent, so merging cannot bring them under list_limit.
@@ -241,6 +251,20 @@ enum UDmabufTests {
     ]
 
     /// A directory that looks like /sys/module/udmabuf/parameters with the given limits.
+    static let sizeLimitPath = UDmabuf.defaultParametersDirectory + "/size_limit_mb"
+    static let listLimitPath = UDmabuf.defaultParametersDirectory + "/list_limit"
+
+    /// Runs `body` with the module's size_limit_mb set to `megabytes` (root; the parameter is 0644), then
+    /// puts the kernel's own value back. From 7.0 the default is INT_MAX, which no test can exceed, so the
+    /// limit tests set 6.x's 64 on every kernel and test the same refusal everywhere.
+    static func withSizeLimit(_ megabytes: Int, _ body: () throws -> Void) throws {
+        let original = try expectSome(Harness.readNumber(sizeLimitPath), "read \(sizeLimitPath)")
+        try expect(Harness.writeFile(sizeLimitPath, "\(megabytes)\n"), "write \(sizeLimitPath)")
+        defer { Harness.writeFile(sizeLimitPath, "\(original)\n") }
+        try expectEqual(Harness.readNumber(sizeLimitPath), megabytes, "size_limit_mb after writing it")
+        try body()
+    }
+
     static func fakeParameters(sizeLimitMB: Int, listLimit: Int) throws -> String {
         let directory = try Descriptor.temporaryDirectory()
         try expect(create(directory + "/size_limit_mb", "\(sizeLimitMB)\n"), "write size_limit_mb")

@@ -4,7 +4,8 @@ import DmaBuf
 import Glibc
 #endif
 
-// `dmabuf-device-tests [PREFIX...]` runs the suite (tests whose names start with a PREFIX);
+// `dmabuf-device-tests [PREFIX...] [-PREFIX...]` runs the suite (tests whose names start with a PREFIX, less
+// those starting with a -PREFIX);
 // `dmabuf-device-tests --child ROLE ARGS...` is how tests start a second process.
 let arguments = Array(CommandLine.arguments.dropFirst())
 // Tests hold many buffers at once, one fd each: use every descriptor the hard limit allows.
@@ -22,6 +23,6 @@ if arguments.first == "--child" {
     exit(role.hasPrefix("daemon-") ? DaemonChildren.run(role: role, arguments: rest) : Children.run(role: role, arguments: rest))
 }
 let suite = HeapTests.all + UDmabufTests.all + DmaBufferTests.all + FenceTests.all + PageRunTests.all
-    + DaemonTests.all + LeaseTests.all + CLITests.all + FaultTests.all + LoadTests.all + HostileTests.all
+    + DaemonTests.all + LeaseTests.all + CLITests.all + CMATests.all + FaultTests.all + LoadTests.all + HostileTests.all
     + CLibTests.all
 exit(Harness.main(tests: suite, filter: arguments))

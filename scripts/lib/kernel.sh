@@ -1,26 +1,44 @@
 # shellcheck shell=bash
 #
-# Fetch and cache Debian's bookworm-backports Linux 6.12 amd64 kernel for
-# scripts/vm (sourced by scripts/vm and scripts/install-deps).
+# Fetch and cache the test kernels for scripts/vm (sourced by scripts/vm,
+# scripts/install-deps, scripts/test-systemd and scripts/build-kernel).
+#
+# Kernels (the name is what `scripts/vm --kernel` takes):
+#   6.12     Debian bookworm-backports linux-image-6.12.N+debXX-amd64-unsigned
+#            (image and modules in one package, boot/vmlinuz-RELEASE)
+#   7.3      Debian trixie-backports linux-image-7.3.N+deb13-amd64, a
+#            metapackage: the image is in linux-binary-RELEASE, the modules in
+#            linux-modules-RELEASE, config and modules.builtin in
+#            linux-base-RELEASE, all under usr/lib/modules/RELEASE/
+#   7.3-cma  the project's own build of Debian's linux-source-7.3 with the CMA
+#            heap and sw_sync, everything built in (kernels/README.md): the
+#            image beside the checkout in ../shared/kernels when its SHA256SUMS
+#            matches, else one built by scripts/build-kernel into the cache
 #
 # The kernel is downloaded with a private apt configuration that lives in the
 # cache directory, so the system's apt configuration and state are never
 # modified.  The Debian mirror and its keyring are derived at run time from the
 # system's apt sources.
 #
-# Cache layout (default ${DMABUFD_CACHE:-$HOME/.cache/dmabufd}/kernel):
+# Cache layout for the Debian kernels (default
+# ${DMABUFD_CACHE:-$HOME/.cache/dmabufd}/kernel for 6.12, .../kernel-7.3 for 7.3):
 #   apt/                 private apt config, lists and download cache
 #   current              name of the release in use, e.g. 6.12.95+deb12-amd64
-#   RELEASE/root/        the extracted package (boot/vmlinuz-RELEASE,
-#                        lib/modules/RELEASE with modules.dep)
+#   RELEASE/root/        the extracted packages (boot/vmlinuz-RELEASE or
+#                        usr/lib/modules/RELEASE/vmlinuz, lib/modules/RELEASE
+#                        with modules.dep)
 #   RELEASE/package      "PACKAGE VERSION" that was extracted
 #   RELEASE/.complete    marker written last
 #
 # Public function:
-#   dmabufd_kernel_ensure [--refresh]
+#   dmabufd_kernel_ensure [--refresh] [--kernel 6.12|7.3|7.3-cma]
 #     Makes sure a kernel is cached (network only when nothing is cached, or
-#     with --refresh) and sets DMABUFD_KERNEL_RELEASE, DMABUFD_KERNEL_IMAGE,
-#     DMABUFD_KERNEL_ROOT and DMABUFD_KERNEL_PACKAGE.  Progress goes to stderr.
+#     with --refresh; 7.3-cma may build one, ~20 minutes) and sets
+#     DMABUFD_KERNEL_NAME, DMABUFD_KERNEL_RELEASE, DMABUFD_KERNEL_IMAGE,
+#     DMABUFD_KERNEL_ROOT (empty for 7.3-cma: no modules),
+#     DMABUFD_KERNEL_PACKAGE and DMABUFD_KERNEL_APPEND (extra kernel command
+#     line).  The kernel defaults to $DMABUFD_KERNEL, else 6.12.  Progress
+#     goes to stderr.
 #
 # Environment:
 #   DMABUFD_CACHE           cache root (default $HOME/.cache/dmabufd)
@@ -29,12 +47,36 @@
 
 DMABUFD_KERNEL_SUITE=bookworm-backports
 DMABUFD_KERNEL_SERIES=6.12
+DMABUFD_KERNEL_NAMES="6.12 7.3 7.3-cma"
+# The CMA kernel's release and where the shared prebuilt copy lives (beside the
+# checkout; CI places a copy of shared/ next to its clone).
+DMABUFD_CMA_RELEASE=7.3.4-dmabufd
+dmabufd_kernel_lib_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+DMABUFD_CMA_SHARED_DIR=${DMABUFD_CMA_SHARED_DIR:-$dmabufd_kernel_lib_dir/../../../shared/kernels}
+
+# Sets the suite, series and cache directory for kernel NAME.
+dmabufd_kernel_select() {
+    case $1 in
+        6.12) DMABUFD_KERNEL_SUITE=bookworm-backports DMABUFD_KERNEL_SERIES=6.12 DMABUFD_KERNEL_APPEND= ;;
+        # 7.x charges system-heap allocations to the allocator's memory cgroup
+        # only with this parameter (issue 11).
+        7.3) DMABUFD_KERNEL_SUITE=trixie-backports DMABUFD_KERNEL_SERIES=7.3 DMABUFD_KERNEL_APPEND=dma_heap.mem_accounting=1 ;;
+        7.3-cma) DMABUFD_KERNEL_SUITE= DMABUFD_KERNEL_SERIES=7.3 DMABUFD_KERNEL_APPEND=dma_heap.mem_accounting=1 ;;
+        *) dmabufd_kernel_die "unknown kernel '$1' (one of: $DMABUFD_KERNEL_NAMES)"; return 1 ;;
+    esac
+    DMABUFD_KERNEL_NAME=$1
+}
 
 dmabufd_kernel_log() { printf 'kernel: %s\n' "$*" >&2; }
 dmabufd_kernel_die() { printf 'kernel: error: %s\n' "$*" >&2; return 1; }
 
+# 6.12 keeps the historical directory name so existing caches stay valid.
 dmabufd_kernel_cache_dir() {
-    printf '%s/kernel\n' "${DMABUFD_CACHE:-${HOME:?HOME is not set}/.cache/dmabufd}"
+    local root=${DMABUFD_CACHE:-${HOME:?HOME is not set}/.cache/dmabufd}
+    case ${DMABUFD_KERNEL_NAME:-6.12} in
+        6.12) printf '%s/kernel\n' "$root" ;;
+        *) printf '%s/kernel-%s\n' "$root" "$DMABUFD_KERNEL_NAME" ;;
+    esac
 }
 
 # Prints "URI KEYRING" (KEYRING may be empty) of the first Debian source whose
@@ -102,16 +144,24 @@ dmabufd_kernel_debian_source() {
 # Checks that CACHE/RELEASE is a complete extracted kernel.
 dmabufd_kernel_valid() {
     local dir=$1 rel=$2
-    [[ -f $dir/$rel/.complete &&
-        -f $dir/$rel/root/boot/vmlinuz-$rel &&
+    [[ -f $dir/$rel/.complete && -n $(dmabufd_kernel_image_in "$dir/$rel/root" "$rel") &&
         -f $dir/$rel/root/lib/modules/$rel/modules.dep ]]
+}
+
+# Prints the image inside an extracted ROOT: boot/vmlinuz-RELEASE (bookworm
+# packages) or usr/lib/modules/RELEASE/vmlinuz (trixie's linux-binary-*).
+dmabufd_kernel_image_in() {
+    local root=$1 rel=$2 f
+    for f in "$root/boot/vmlinuz-$rel" "$root/usr/lib/modules/$rel/vmlinuz"; do
+        if [[ -f $f ]]; then printf '%s\n' "$f"; return 0; fi
+    done
 }
 
 dmabufd_kernel_set_vars() {
     local dir=$1 rel=$2
     DMABUFD_KERNEL_RELEASE=$rel
     DMABUFD_KERNEL_ROOT=$dir/$rel/root
-    DMABUFD_KERNEL_IMAGE=$dir/$rel/root/boot/vmlinuz-$rel
+    DMABUFD_KERNEL_IMAGE=$(dmabufd_kernel_image_in "$dir/$rel/root" "$rel")
     DMABUFD_KERNEL_PACKAGE=$(cat "$dir/$rel/package" 2>/dev/null || true)
 }
 
@@ -130,12 +180,11 @@ dmabufd_kernel_find_tool() {
     return 1
 }
 
-# Downloads and extracts the newest bookworm-backports 6.12 amd64 kernel into
-# DIR.  Caller holds the cache lock.
-dmabufd_kernel_fetch() {
-    local dir=$1 apt=$1/apt src mirror keyring pkg rel ver deb tmp depmod
-    local -a opts
-
+# Writes a private apt configuration under APT for SUITE of the system's Debian
+# mirror, runs `apt-get update` with it, and leaves the apt options in the
+# global array DMABUFD_APT_OPTS.  Never touches the system's apt state.
+dmabufd_kernel_apt_setup() {
+    local apt=$1 suite=$2 src mirror keyring
     if [[ -n ${DMABUFD_DEBIAN_MIRROR:-} ]]; then
         mirror=$DMABUFD_DEBIAN_MIRROR
         keyring=${DMABUFD_DEBIAN_KEYRING:-}
@@ -147,19 +196,17 @@ dmabufd_kernel_fetch() {
         [[ $keyring == "$src" ]] && keyring=
     fi
     mirror=${mirror%/}
-    depmod=$(dmabufd_kernel_find_tool depmod) ||
-        dmabufd_kernel_die "depmod not found (install kmod)" || return 1
     command -v apt-get >/dev/null && command -v apt-cache >/dev/null && command -v dpkg-deb >/dev/null ||
         dmabufd_kernel_die "apt-get, apt-cache and dpkg-deb are required" || return 1
 
     mkdir -p "$apt/etc/preferences.d" "$apt/state/lists/partial" "$apt/cache/archives/partial" "$apt/debs" ||
         dmabufd_kernel_die "cannot create $apt" || return 1
     if [[ -n $keyring ]]; then
-        printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" "$DMABUFD_KERNEL_SUITE" >"$apt/etc/sources.list"
+        printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" "$suite" >"$apt/etc/sources.list"
     else
-        printf 'deb %s %s main\n' "$mirror" "$DMABUFD_KERNEL_SUITE" >"$apt/etc/sources.list"
+        printf 'deb %s %s main\n' "$mirror" "$suite" >"$apt/etc/sources.list"
     fi
-    opts=(
+    DMABUFD_APT_OPTS=(
         -o "Dir::Etc::SourceList=$apt/etc/sources.list"
         -o "Dir::Etc::SourceParts=/dev/null"
         -o "Dir::Etc::Preferences=/dev/null"
@@ -174,11 +221,23 @@ dmabufd_kernel_fetch() {
     )
     # The cache usually lives under a home directory that the unprivileged
     # _apt user cannot enter; apt would fall back (with a warning) anyway.
-    if [[ $EUID -eq 0 ]]; then opts+=(-o "APT::Sandbox::User=root"); fi
+    if [[ $EUID -eq 0 ]]; then DMABUFD_APT_OPTS+=(-o "APT::Sandbox::User=root"); fi
 
-    dmabufd_kernel_log "updating package lists for $DMABUFD_KERNEL_SUITE from $mirror"
-    apt-get -qq "${opts[@]}" update >&2 ||
-        dmabufd_kernel_die "apt-get update for $DMABUFD_KERNEL_SUITE failed" || return 1
+    dmabufd_kernel_log "updating package lists for $suite from $mirror"
+    apt-get -qq "${DMABUFD_APT_OPTS[@]}" update >&2 ||
+        dmabufd_kernel_die "apt-get update for $suite failed" || return 1
+}
+
+# Downloads and extracts the newest amd64 kernel of the selected series from
+# the selected suite into DIR.  Caller holds the cache lock.
+dmabufd_kernel_fetch() {
+    local dir=$1 apt=$1/apt pkg rel ver deb tmp depmod p
+    local -a opts pkgs
+
+    depmod=$(dmabufd_kernel_find_tool depmod) ||
+        dmabufd_kernel_die "depmod not found (install kmod)" || return 1
+    dmabufd_kernel_apt_setup "$apt" "$DMABUFD_KERNEL_SUITE" || return 1
+    opts=("${DMABUFD_APT_OPTS[@]}")
 
     # linux-image-6.12.N+debXX-amd64-unsigned (or the older +bpo naming);
     # the pattern excludes the -cloud-amd64 and -rt-amd64 flavours.
@@ -196,31 +255,39 @@ dmabufd_kernel_fetch() {
     ver=$(apt-cache "${opts[@]}" show --no-all-versions "$pkg" | awk '/^Version:/{print $2; exit}')
     rel=${pkg#linux-image-}
     rel=${rel%-unsigned}
+    # Since trixie the image package is a metapackage: the kernel, its modules
+    # and its config come in linux-binary-, linux-modules- and linux-base-.
+    pkgs=("$pkg")
+    if apt-cache "${opts[@]}" show --no-all-versions "linux-binary-$rel" >/dev/null 2>&1; then
+        pkgs=("linux-binary-$rel" "linux-modules-$rel" "linux-base-$rel")
+    fi
 
     if dmabufd_kernel_valid "$dir" "$rel"; then
         dmabufd_kernel_log "newest is $pkg $ver, already cached"
     else
-        dmabufd_kernel_log "downloading $pkg $ver"
+        dmabufd_kernel_log "downloading ${pkgs[*]} ($ver)"
         rm -f "$apt/debs/"*.deb
-        (cd "$apt/debs" && apt-get -qq "${opts[@]}" download "$pkg" >&2) ||
-            dmabufd_kernel_die "apt-get download $pkg failed" || return 1
-        deb=$(find "$apt/debs" -maxdepth 1 -name '*.deb' -print -quit)
-        [[ -n $deb ]] || dmabufd_kernel_die "downloaded .deb not found" || return 1
+        (cd "$apt/debs" && apt-get -qq "${opts[@]}" download "${pkgs[@]}" >&2) ||
+            dmabufd_kernel_die "apt-get download ${pkgs[*]} failed" || return 1
 
         tmp=$dir/.extract.$$
         rm -rf "$tmp"
         mkdir -p "$tmp/root"
-        dmabufd_kernel_log "extracting $(basename "$deb")"
-        dpkg-deb -x "$deb" "$tmp/root" ||
-            { rm -rf "$tmp"; dmabufd_kernel_die "dpkg-deb -x failed"; return 1; }
+        for p in "${pkgs[@]}"; do
+            deb=$(find "$apt/debs" -maxdepth 1 -name "${p}_*.deb" -print -quit)
+            [[ -n $deb ]] || { rm -rf "$tmp"; dmabufd_kernel_die "downloaded $p .deb not found"; return 1; }
+            dmabufd_kernel_log "extracting $(basename "$deb")"
+            dpkg-deb -x "$deb" "$tmp/root" ||
+                { rm -rf "$tmp"; dmabufd_kernel_die "dpkg-deb -x $deb failed"; return 1; }
+        done
         # Newer packages may ship modules under usr/lib/modules only.
         if [[ ! -d $tmp/root/lib/modules/$rel && -d $tmp/root/usr/lib/modules/$rel ]]; then
             mkdir -p "$tmp/root/lib"
             ln -s ../usr/lib/modules "$tmp/root/lib/modules"
         fi
-        if [[ ! -f $tmp/root/boot/vmlinuz-$rel || ! -d $tmp/root/lib/modules/$rel ]]; then
+        if [[ -z $(dmabufd_kernel_image_in "$tmp/root" "$rel") || ! -d $tmp/root/lib/modules/$rel ]]; then
             rm -rf "$tmp"
-            dmabufd_kernel_die "$pkg does not contain boot/vmlinuz-$rel and lib/modules/$rel"
+            dmabufd_kernel_die "${pkgs[*]} do not contain a vmlinuz and lib/modules/$rel"
             return 1
         fi
         dmabufd_kernel_log "running depmod for $rel"
@@ -230,10 +297,11 @@ dmabufd_kernel_fetch() {
         touch "$tmp/.complete"
         rm -rf "${dir:?}/$rel"
         mv "$tmp" "$dir/$rel" || dmabufd_kernel_die "cannot move $tmp to $dir/$rel" || return 1
-        rm -f "$deb"
+        rm -f "$apt/debs/"*.deb
     fi
 
     local cfg=$dir/$rel/root/boot/config-$rel opt
+    [[ -f $cfg ]] || cfg=$dir/$rel/root/usr/lib/modules/$rel/config
     if [[ -f $cfg ]]; then
         for opt in CONFIG_UDMABUF=y CONFIG_DMABUF_HEAPS_SYSTEM=y CONFIG_DRM_VGEM=m; do
             grep -qx "$opt" "$cfg" || dmabufd_kernel_log "warning: $cfg lacks $opt"
@@ -245,11 +313,54 @@ dmabufd_kernel_fetch() {
         dmabufd_kernel_die "cannot write $dir/current" || return 1
 }
 
-dmabufd_kernel_ensure() {
-    local refresh=0 dir rel lockfd rc=0
-    [[ ${1:-} == --refresh ]] && refresh=1
-    dir=$(dmabufd_kernel_cache_dir)
+# The CMA kernel: the shared prebuilt image when its checksum matches, else the
+# cached build of scripts/build-kernel, else build it now.
+# True when the prebuilt CMA image beside the checkout is there and matches
+# its line in SHA256SUMS.
+dmabufd_kernel_cma_prebuilt_ok() {
+    local shared=$DMABUFD_CMA_SHARED_DIR img=vmlinuz-$DMABUFD_CMA_RELEASE
+    [[ -f $shared/$img && -f $shared/SHA256SUMS ]] || return 1
+    (cd "$shared" && grep -E "^[0-9a-f]{64}  $img\$" SHA256SUMS | sha256sum -c --quiet - >/dev/null 2>&1)
+}
 
+dmabufd_kernel_cma_ensure() {
+    local refresh=$1 dir shared img
+    dir=$(dmabufd_kernel_cache_dir)
+    shared=$DMABUFD_CMA_SHARED_DIR
+    img=vmlinuz-$DMABUFD_CMA_RELEASE
+    DMABUFD_KERNEL_RELEASE=$DMABUFD_CMA_RELEASE
+    DMABUFD_KERNEL_ROOT=
+    if dmabufd_kernel_cma_prebuilt_ok; then
+        DMABUFD_KERNEL_IMAGE=$(cd "$shared" && pwd -P)/$img
+        DMABUFD_KERNEL_PACKAGE="prebuilt $img (SHA256SUMS ok)"
+        return 0
+    fi
+    [[ -f $shared/$img ]] && dmabufd_kernel_log "warning: $shared/$img does not match its SHA256SUMS; not using it"
+    if ((refresh)) || [[ ! -f $dir/.complete || ! -f $dir/vmlinuz ]]; then
+        dmabufd_kernel_log "no usable prebuilt CMA kernel in $shared; building it with scripts/build-kernel: about 20 minutes on 2 cores"
+        "$dmabufd_kernel_lib_dir/../build-kernel" $( ((refresh)) && echo --force) >&2 ||
+            dmabufd_kernel_die "scripts/build-kernel failed" || return 1
+    fi
+    DMABUFD_KERNEL_IMAGE=$dir/vmlinuz
+    DMABUFD_KERNEL_RELEASE=$(cat "$dir/release" 2>/dev/null || echo "$DMABUFD_CMA_RELEASE")
+    DMABUFD_KERNEL_PACKAGE="built by scripts/build-kernel from $(cat "$dir/package" 2>/dev/null || echo '?')"
+}
+
+dmabufd_kernel_ensure() {
+    local refresh=0 dir rel lockfd rc=0 name=${DMABUFD_KERNEL:-6.12}
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --refresh) refresh=1; shift ;;
+            --kernel) name=${2:-}; shift 2 || shift ;;
+            *) dmabufd_kernel_die "dmabufd_kernel_ensure: unknown argument $1"; return 1 ;;
+        esac
+    done
+    dmabufd_kernel_select "$name" || return 1
+    if [[ $name == 7.3-cma ]]; then
+        dmabufd_kernel_cma_ensure "$refresh"
+        return
+    fi
+    dir=$(dmabufd_kernel_cache_dir)
     # Fast path: cached and no refresh requested; no lock, no network.
     if ((!refresh)) && [[ -f $dir/current ]]; then
         rel=$(cat "$dir/current")

@@ -39,6 +39,15 @@ struct CDmaBuf_vgem_fence_signal {
 /// VGEM_FENCE_WRITE: the attached fence is exclusive (a write).
 extern const uint32_t CDmaBuf_VGEM_FENCE_WRITE;
 
+// MARK: - sw_sync (drivers/dma-buf/sw_sync.c: its uAPI lives in the driver, not in an installed header)
+
+/// `struct sw_sync_create_fence_data`: a fence on the timeline that signals when the timeline reaches `value`.
+struct CDmaBuf_sw_sync_create_fence_data {
+    uint32_t value;
+    char name[32];
+    int32_t fence;      // out: the new sync_file's fd
+};
+
 // MARK: - ioctl request numbers
 
 extern const unsigned long CDmaBuf_DMA_HEAP_IOCTL_ALLOC;
@@ -54,6 +63,10 @@ extern const unsigned long CDmaBuf_DRM_IOCTL_VGEM_FENCE_ATTACH;
 extern const unsigned long CDmaBuf_DRM_IOCTL_VGEM_FENCE_SIGNAL;
 extern const unsigned long CDmaBuf_DRM_IOCTL_MODE_CREATE_DUMB;
 extern const unsigned long CDmaBuf_DRM_IOCTL_GEM_CLOSE;
+/// SW_SYNC_IOC_CREATE_FENCE: _IOWR('W', 0, struct sw_sync_create_fence_data).
+extern const unsigned long CDmaBuf_SW_SYNC_IOC_CREATE_FENCE;
+/// SW_SYNC_IOC_INC: _IOW('W', 1, __u32): advances the timeline by that many steps.
+extern const unsigned long CDmaBuf_SW_SYNC_IOC_INC;
 
 // MARK: - constants Swift cannot import (macros built from expressions)
 

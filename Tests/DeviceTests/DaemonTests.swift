@@ -15,7 +15,8 @@ private let both: [Requirement] = [.heap("system"), .udmabuf, .root]
 private func rawExchange(_ daemon: TestDaemon, _ bytes: [UInt8], fds: [FileDescriptor] = [], hello: Bool = true) throws -> Response {
     let socket = try UnixSocket.connect(path: daemon.socketPath).shared()
     if hello {
-        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(.hello(Hello(client: "raw")), requestID: 1))
+        // v1: the raw messages below are v1 encodings, and a header version other than the negotiated one is malformed.
+        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(.hello(Hello(minimumVersion: 1, maximumVersion: 1, client: "raw")), requestID: 1))
         _ = try UnixSocket.receive(socket.descriptor, maxBytes: WireLimits.maximumMessageSize)
     }
     try UnixSocket.send(socket.descriptor, bytes: bytes, fds: fds)
@@ -323,7 +324,7 @@ enum DaemonTests {
         },
         DeviceTest("daemon.version-negotiation-refuses-future-only", requires: system) {
             try withDaemon { daemon in
-                let response = try rawExchange(daemon, WireMessage.encode(.hello(Hello(minimumVersion: 2, maximumVersion: 5, client: "future")), requestID: 1), hello: false)
+                let response = try rawExchange(daemon, WireMessage.encode(.hello(Hello(minimumVersion: WireLimits.currentVersion + 1, maximumVersion: 5, client: "future")), requestID: 1), hello: false)
                 try expectMalformed(response, .protocolNotSupported, "no common protocol version")
             }
         },

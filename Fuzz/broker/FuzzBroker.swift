@@ -84,7 +84,8 @@ private func run(_ data: UnsafeRawBufferPointer) {
             broker.adopt(daemonEnd, credentials: PeerCredentials(pid: 4242, uid: uid, gid: uid))
             let client = FuzzClient(socket: clientEnd)
             clients.append(client)
-            _ = try? UnixSocket.send(clientEnd.descriptor, bytes: WireMessage.encode(.hello(Hello(minimumVersion: 1, maximumVersion: 2, client: "fuzz")), requestID: 1))
+            // Clients 0 and 1 (uids 0, 1000) speak v1, client 2 (uid 1001) v2.
+            _ = try? UnixSocket.send(clientEnd.descriptor, bytes: WireMessage.encode(.hello(Hello(minimumVersion: 1, maximumVersion: uid == 1001 ? 2 : 1, client: "fuzz")), requestID: 1))
         }
         for _ in 0..<4 { loop.runOnce(timeoutMilliseconds: 0) }
         clients.forEach(drain)

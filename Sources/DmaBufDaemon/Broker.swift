@@ -244,8 +244,13 @@ public final class Broker: @unchecked Sendable {
 }
 
 extension WireDecodingError {
+    /// A version the daemon does not speak (EPROTONOSUPPORT). A spoken version other than the negotiated
+    /// one is merely malformed (EBADMSG).
     var isVersion: Bool {
-        if case .unsupportedVersion = self { return true }
-        return false
+        switch self {
+        case .unsupportedVersion: return true
+        case .versionMismatch(_, let header): return !WireLimits.supportedVersions.contains(header)
+        default: return false
+        }
     }
 }

@@ -8,7 +8,8 @@ extension Broker {
     /// v2 adds each heap's total and free bytes (0: unknown) and whether the kernel charges its pages to
     /// a memory cgroup; encoding for a v1 session leaves them out.
     func listHeaps() -> HeapsReply {
-        rescanHeaps()
+        // With hotplug monitoring the heap set is current; without it, a listing is when to look again.
+        if udev == nil { rescanHeaps() }
         let memAccounting = kernel.memAccounting()
         let heaps = resolver.heaps.map { heap -> HeapInfo in
             var info = heap

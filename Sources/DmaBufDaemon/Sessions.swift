@@ -160,7 +160,7 @@ extension Broker {
             let errno: Errno
             switch error {
             case .oversize: errno = .messageTooLong
-            case .unsupportedVersion: errno = .protocolNotSupported
+            case _ where error.isVersion: errno = .protocolNotSupported
             default: errno = .badMessage
             }
             logger.notice("malformed message; disconnecting", metadata: ["pid": "\(session.credentials.pid)", "error": "\(error)"])

@@ -52,6 +52,20 @@ struct RequestTests {
         }
     }
 
+    @Test func headerVersionNotSpokenIsUnsupportedAndSpokenButOtherIsMalformed() throws {
+        try BrokerHarness.scenario() { h in
+            for (version, errno, code) in [(UInt16(9), Errno.protocolNotSupported, WireError.Code.unsupportedVersion), (2, .badMessage, .malformed)] {
+                let client = try h.connect()  // negotiated v1
+                var bytes = WireMessage.encode(.stats, requestID: 7)
+                bytes[4] = UInt8(version)
+                try client.sendRaw(bytes)
+                guard let (_, reply, _) = try client.receive(), case .error(let error) = reply else { Issue.record("no error"); return }
+                #expect(error.errno == errno.rawValue && error.code == code, "\(error)")
+                #expect(h.pump(until: client.isClosed))
+            }
+        }
+    }
+
     @Test func silentPeerIsClosedAfterHelloTimeout() throws {
         try BrokerHarness.scenario({ $0.helloTimeout = .milliseconds(10) }) { h in
         let client = try h.connect(hello: false)

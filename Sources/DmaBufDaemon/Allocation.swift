@@ -63,10 +63,22 @@ extension Broker {
             } catch let error as DmaBufError {
                 books.countHeapFailure(logical)
                 logger.notice("allocation failed; trying the next heap", metadata: ["heap": "\(logical)", "error": "\(error)"])
-                lastError = error
+                lastError = explained(error, target: target, size: size)
             }
         }
         throw lastError!
+    }
+
+    /// A CMA heap that is out of memory says how much it has left, so a camera program's log tells the
+    /// user what happened (CMA exhaustion is the common failure there) instead of a bare ENOMEM.
+    private func explained(_ error: DmaBufError, target: HeapResolver.Target, size: UInt64) -> DmaBufError {
+        guard error.errno == .noMemory, case .heap(let name) = target,
+              resolver.heaps.contains(where: { $0.kind == "cma" && $0.device.hasSuffix("/" + name) }) else { return error }
+        let totals = kernel.heapTotals(kind: "cma")
+        guard totals.total > 0 else { return error }
+        return DmaBufError("dma-heap", .noMemory,
+                           "'\(name)' (cma) has no room for \(ByteCount(Int(clamping: size))): \(ByteCount(Int(clamping: totals.free))) free of \(ByteCount(Int(clamping: totals.total))) (CmaFree/CmaTotal)",
+                           fix: "free CMA buffers, ask for less, or use a policy that falls back to another heap")
     }
 
     /// udmabufs ignore the access mode of `fd_flags`: the kernel makes them O_RDWR.
@@ -120,6 +132,12 @@ extension Broker {
                           fix: "send a descriptor from a heap, udmabuf or PRIME export")
         }
         let facts = try kernel.facts(fd)
+        // A second record of a dma-buf the daemon already holds would count the first record's fd as an
+        // outside reference, and each would keep the other charged forever (found by the request fuzzer).
+        if let held = buffers.values.first(where: { $0.inode == facts.inode }) {
+            throw Refusal(.fileExists, .invalidArgument, "import: dmabufd already holds this dma-buf as buffer \(held.id)",
+                          fix: "fetch buffer \(held.id) instead of importing it again")
+        }
         try Validate.size(facts.size, config: config)
         try admit(session, size: facts.size)
         let record = try register(fd, session: session, heap: "import", tag: tag, rename: false, facts: facts)

@@ -153,6 +153,20 @@ struct RequestTests {
         }
     }
 
+    @Test func importOfABufferTheDaemonHoldsIsRefused() throws {
+        // Found by the request fuzzer: two records of one dma-buf each counted the other's fd as an
+        // outside reference, so neither was ever uncharged.
+        try BrokerHarness.scenario() { h in
+        let client = try h.connect(uid: 1001)
+        let (info, fd) = try client.allocate()
+        try client.expectRefusal(.importBuffer(tag: "again"), fds: [fd], .fileExists, .invalidArgument, "already holds this dma-buf as buffer \(info.id)")
+        let foreign = try FakeKernel.makeBuffer(size: 4096)
+        let (reply, back) = try client.request(.importBuffer(tag: "imp"), fds: [foreign])
+        guard case .buffer = reply else { Issue.record("\(reply)"); return }
+        try client.expectRefusal(.importBuffer(tag: "twice"), fds: [back[0]], .fileExists, .invalidArgument, "already holds this dma-buf")
+        }
+    }
+
     @Test func shareGrantsAUidAndFetchHandsTheBufferOver() throws {
         try BrokerHarness.scenario() { h in
         let owner = try h.connect(uid: 1000)

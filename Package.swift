@@ -21,6 +21,8 @@ let package = Package(
     targets: [
         // C shim over the dma-buf uAPI: ioctl request numbers, flexible-array structs, CMSG, fcntl.
         .target(name: "CDmaBuf"),
+        // dmabufd's start-up constructor: opens /proc/self/pagemap, then drops every capability.
+        .target(name: "CDmabufdStart"),
         .systemLibrary(name: "CUdev", pkgConfig: "libudev", providers: [.apt(["libudev-dev"])]),
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
         // Pure value types (page runs, errno names) shared by every layer; nothing but the stdlib.
@@ -52,8 +54,9 @@ let package = Package(
         .executableTarget(
             name: "dmabufd",
             dependencies: [
-                "DmaBufDaemon",
+                "DmaBufDaemon", "CDmabufdStart", "DmaBuf",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

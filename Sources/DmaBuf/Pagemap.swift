@@ -48,18 +48,35 @@ public enum Pagemap {
         }
     }
 
+    /// `/proc/self/pagemap` opened early, while the process still had CAP_SYS_ADMIN. The kernel decides
+    /// whether to show PFNs by the opener's credentials, so a daemon that drops its capabilities after
+    /// opening it keeps reading PFNs through it. Set once at start-up, before any other thread reads it.
+    nonisolated(unsafe) private static var opened: FileDescriptor?
+
+    /// Reads this process's pagemap through `descriptor` from now on (it stays open for the process).
+    public static func adopt(_ descriptor: CInt) {
+        opened = descriptor >= 0 ? FileDescriptor(rawValue: descriptor) : nil
+    }
+
     /// Reads the entries for `count` bytes of this process's address space starting at `address`.
     public static func read(address: UnsafeRawPointer, count: Int, path: String = "/proc/self/pagemap") throws -> [Entry] {
         let page = UInt(pageSize)
         let first = UInt(bitPattern: address) / page
         let last = (UInt(bitPattern: address) + UInt(count) + page - 1) / page
         let fd: FileDescriptor
-        do {
-            fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec], retryOnInterrupt: true)
-        } catch let errno as Errno {
-            throw DmaBufError("pagemap", errno, "cannot open \(path)")
+        let owned: Bool
+        if path == "/proc/self/pagemap", let opened {
+            fd = opened
+            owned = false
+        } else {
+            do {
+                fd = try FileDescriptor.open(path, .readOnly, options: [.closeOnExec], retryOnInterrupt: true)
+            } catch let errno as Errno {
+                throw DmaBufError("pagemap", errno, "cannot open \(path)")
+            }
+            owned = true
         }
-        defer { try? fd.close() }
+        defer { if owned { try? fd.close() } }
         var bytes = [UInt8](repeating: 0, count: Int(last - first) * 8)
         var done = 0
         while done < bytes.count {

@@ -30,7 +30,7 @@ public struct DaemonConfig: Sendable, Equatable {
     /// `fd_store = yes|no`: keep buffers in systemd's fd store across restarts (needs NOTIFY_SOCKET).
     public var fdStore = true
     /// `state_directory`: where buffer metadata for the fd store is written (the runtime dir).
-    public var stateDirectory = "/run/dmabufd"
+    public var stateDirectory = "/run/dmabufd/state"
     /// `log_level`: trace, debug, info, notice, warning, error, critical.
     public var logLevel = "info"
 

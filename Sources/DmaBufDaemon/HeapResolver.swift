@@ -7,8 +7,8 @@ import Glibc
 
 /// Maps the names clients use to the kernel's heaps, and policies to fallback chains.
 ///
-/// Logical names: `system`, `system-uncached`, `cma` (whichever of `linux,cma`, `reserved`,
-/// `default_cma_region` exists; every CMA region is also reachable as `cma:<kernel name>`), `udmabuf`
+/// Logical names: `system`, `system-uncached`, `cma` (the first of `default_cma_region`, `linux,cma`,
+/// `reserved` that exists; every CMA region is also reachable as `cma:<kernel name>`), `udmabuf`
 /// (memfd-backed, via `/dev/udmabuf`), and any other heap by its kernel name.
 public struct HeapResolver: Sendable {
     /// One allocatable target.
@@ -23,7 +23,10 @@ public struct HeapResolver: Sendable {
     let heapDirectory: String
     let udmabufDevice: String
 
-    static let cmaAliases = ["linux,cma", "reserved", "default_cma_region"]
+    /// The default CMA region's names, best first: `default_cma_region` is its name since 6.17, `linux,cma`
+    /// a devicetree board's, and `reserved` the legacy alias (DMABUF_HEAPS_CMA_LEGACY) of the same memory
+    /// as `default_cma_region`, so it is only a fallback for older kernels.
+    static let cmaAliases = ["default_cma_region", "linux,cma", "reserved"]
 
     /// - Parameters: heaps, udmabuf: what the kernel backend found (``KernelBackend/rescan()``).
     public init(policies: [String: [String]], heapDirectory: String, udmabufDevice: String, heaps: [String], udmabuf: Bool) {

@@ -1,7 +1,10 @@
 import ArgumentParser
+import CDmabufdStart
+import DmaBuf
 import DmaBufDaemon
 import Logging
 import ServiceLifecycle
+import SystemPackage
 import UnixSignals
 
 #if canImport(Glibc)
@@ -74,6 +77,7 @@ struct DmabufdCommand: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "dmabufd")
+        adoptStartUpPrivileges(logger)
         // Trap SIGHUP before listening: once a client can connect, a reload request must be honoured.
         let hangups = await UnixSignalsSequence(trapping: .sighup)
         let broker = try BrokerService(config: settings, logger: logger)
@@ -125,5 +129,20 @@ struct ReloadService: Service {
                 logger.error("reload: \(path): \(error); keeping the running configuration")
             }
         }
+    }
+}
+
+/// Takes over what the start-up constructor (CDmabufdStart) did before main(): the pagemap descriptor
+/// it opened while privileged, and whether it could drop every capability. dmabufd serves untrusted
+/// clients with no capability at all; PFNs stay readable through that early descriptor.
+func adoptStartUpPrivileges(_ logger: Logger) {
+    Pagemap.adopt(CDmabufdStart_pagemap_fd())
+    if CDmabufdStart_pagemap_fd() < 0 {
+        logger.notice("cannot open /proc/self/pagemap: physical layouts will fail",
+                      metadata: ["errno": "\(Errno(rawValue: CDmabufdStart_pagemap_errno()).name)"])
+    }
+    let dropped = CDmabufdStart_capabilities_errno()
+    if dropped != 0 {
+        logger.warning("could not drop capabilities", metadata: ["errno": "\(Errno(rawValue: dropped).name)"])
     }
 }

@@ -1,0 +1,34 @@
+// dmabufd's first act, before main() and before any thread exists: open /proc/self/pagemap while
+// privileged, then drop every capability for good. Only the dmabufd executable links this target.
+#include "CDmabufdStart.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/capability.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int pagemap_fd = -1;
+static int pagemap_errno = 0;
+static int capabilities_errno = 0;
+
+static int drop_capabilities(void) {
+    // EINVAL: a kernel without ambient capabilities (before 4.3) has none to clear.
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 && errno != EINVAL) return errno;
+    struct __user_cap_header_struct header = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+    memset(data, 0, sizeof data);
+    return syscall(SYS_capset, &header, data) == 0 ? 0 : errno;
+}
+
+__attribute__((constructor)) static void dmabufd_start(void) {
+    pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (pagemap_fd < 0) pagemap_errno = errno;
+    capabilities_errno = drop_capabilities();
+}
+
+int CDmabufdStart_pagemap_fd(void) { return pagemap_fd; }
+int CDmabufdStart_pagemap_errno(void) { return pagemap_errno; }
+int CDmabufdStart_capabilities_errno(void) { return capabilities_errno; }

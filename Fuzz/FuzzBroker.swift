@@ -25,19 +25,27 @@ private let ignoreSIGPIPE: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
 /// The fd closer shared by every input's broker, so no input leaves a thread behind.
 let fuzzCloser = FDCloser()
 
+private let timing = getenv("FUZZ_BROKER_TIMING") != nil
+
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzBroker(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     _ = ignoreSIGPIPE
     let bytes = Array(UnsafeBufferPointer(start: data, count: size))
     let fdsBefore = openFDCount()
     do {
+        let t0 = ContinuousClock.now
         let run = try BrokerRun(ByteReader(bytes))
         run.execute()
+        let t1 = ContinuousClock.now
         run.finish()
+        let t2 = ContinuousClock.now
+        if timing { print("fuzz-broker timing: execute \(t1 - t0), finish \(t2 - t1)\n", terminator: "") }
     } catch {
         fatalError("fuzz-broker: could not set up a broker: \(error)")
     }
+    let t3 = ContinuousClock.now
     expectFDs(back: fdsBefore)
+    if timing { print("fuzz-broker timing: fds \(ContinuousClock.now - t3)\n", terminator: "") }
     return 0
 }
 

@@ -22,18 +22,20 @@ let package = Package(
         // C shim over the dma-buf uAPI: ioctl request numbers, flexible-array structs, CMSG, fcntl.
         .target(name: "CDmaBuf"),
         .systemLibrary(name: "CUdev", pkgConfig: "libudev", providers: [.apt(["libudev-dev"])]),
-        .systemLibrary(name: "CDrm", pkgConfig: "libdrm", providers: [.apt(["libdrm-dev"])]),
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
-        // Typed Swift layer over the kernel: heaps, udmabuf, dma-buf, sync_file, page runs.
+        // Pure value types (page runs, errno names) shared by every layer; nothing but the stdlib.
+        .target(name: "DmaBufTypes"),
+        // Typed Swift layer over the kernel: heaps, udmabuf, dma-buf, sync_file, page runs. No libdrm, no libudev:
+        // clients link it.
         .target(
             name: "DmaBuf",
             dependencies: [
-                "CDmaBuf", "CDrm",
+                "CDmaBuf", "DmaBufTypes",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        // The wire protocol: message types, the binary codec, limits. No I/O.
-        .target(name: "DmaBufWire", dependencies: ["DmaBuf"]),
+        // The wire protocol: message types, the binary codec, limits. No I/O, nothing kernel-side.
+        .target(name: "DmaBufWire", dependencies: ["DmaBufTypes"]),
         // Async client library over the protocol.
         .target(name: "DmaBufClient", dependencies: ["DmaBuf", "DmaBufWire"]),
         // The broker's service logic: event loop, accounting, quotas, leases, udev, systemd.
@@ -74,8 +76,9 @@ let package = Package(
             path: "Tests/DeviceTests"
         ),
         .testTarget(name: "DmaBufTests", dependencies: ["DmaBuf", "CDmaBuf"]),
-        .testTarget(name: "DmaBufWireTests", dependencies: ["DmaBufWire", "DmaBuf"]),
-        .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf", "CDmaBuf"]),
+        .testTarget(name: "DmaBufWireTests", dependencies: ["DmaBufWire", "DmaBufTypes"]),
+        .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf", "DmaBufTypes", "CDmaBuf"]),
         .testTarget(name: "DmaBufCLITests", dependencies: ["DmaBufCLI", "DmaBufWire"]),
+        .testTarget(name: "DmaBufClientTests", dependencies: ["DmaBufClient", "DmaBufWire", "DmaBuf"]),
     ]
 )

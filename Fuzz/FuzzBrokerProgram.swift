@@ -21,6 +21,8 @@ import Glibc
 private let maximumSteps = 64
 private let maximumClients = 4
 private let maximumHeldFDs = 48
+/// FUZZ_BROKER_TRACE=1 prints every message the clients receive.
+private let tracing = getenv("FUZZ_BROKER_TRACE") != nil
 
 /// Values near the boundaries the broker must refuse or round correctly.
 private let boundaries: [UInt64] = [
@@ -40,6 +42,8 @@ final class FuzzClient {
     /// A deaf client does not read: the broker's outbox for it fills up.
     var deaf = false
     var peerClosed = false
+    /// The version the broker's last hello reply named; nil before one.
+    var version: UInt16?
 
     init(socket: SharedFD, uid: UInt32) {
         self.socket = socket
@@ -99,13 +103,18 @@ final class BrokerRun {
     }
 
     private func step(_ opcode: UInt8) {
-        switch opcode % 28 {
+        switch opcode % 30 {
         case 0: connect()
         case 1: send(.hello(Hello(minimumVersion: version(), maximumVersion: version(), client: text())))
         case 2: send(.listHeaps)
-        case 3: send(.allocate(AllocateRequest(size: value(), heap: text(), tag: text(), cpuAccess: CPUAccessHint(rawValue: input.byte() % 4) ?? .none)))
+        case 3:
+            let (size, heap, tag, cpu) = (value(), text(), text(), input.byte() % 5)
+            let (fdFlags, heapFlags) = flags()
+            send(.allocate(AllocateRequest(size: size, heap: heap, tag: tag, cpuAccess: cpu, fdFlags: fdFlags, heapFlags: heapFlags)))
         case 4: send(.createUDmabuf(UDmabufRequest(size: value(), tag: text(), hugePages: input.byte() & 1 == 1)))
-        case 5: send(.createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: ranges(), tag: text())), fds: [attachment()])
+        case 5:
+            let (ranges, tag, udmabufFlags) = (ranges(), text(), input.byte() & 1 == 1 ? input.u32() : 0)
+            send(.createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: ranges, tag: tag, flags: udmabufFlags)), fds: [attachment()])
         case 6: send(.importBuffer(tag: text()), fds: [attachment()])
         case 7: send(.share(ShareRequest(buffer: bufferID(), uid: input.byte() & 1 == 1 ? uid() : nil, oneTimeToken: input.byte() & 1 == 1)))
         case 8: send(.fetch(FetchRequest(buffer: bufferID(), token: token())))
@@ -127,7 +136,12 @@ final class BrokerRun {
         case 24: if let c = client() { c.deaf.toggle() }
         case 25: changeKernel()
         case 26: flood()
-        default: send(.hello(Hello(minimumVersion: 1, maximumVersion: 1, client: "fuzz")))
+        case 27: send(.hello(Hello(minimumVersion: 1, maximumVersion: 1, client: "fuzz")))
+        case 28:
+            let (count, size, heap, tag) = (UInt16(input.byte() % 20), value(), text(), text())
+            let (fdFlags, heapFlags) = flags()
+            send(.allocateBatch(AllocateBatchRequest(count: count, size: size, heap: heap, tag: tag, fdFlags: fdFlags, heapFlags: heapFlags)))
+        default: send(.releaseQuiet((0..<Int(input.byte() % 6)).map { _ in bufferID() }))
         }
     }
 
@@ -160,15 +174,17 @@ final class BrokerRun {
         guard let client = client(), let socket = client.socket else { return }
         var attached = fds
         var declared = fds.count
+        var version = client.version ?? WireLimits.baseVersion
         switch input.byte() % 16 {
         case 0: attached.append(attachment()); declared = attached.count
         case 1: attached = []; declared = fds.count
         case 2: declared = attached.count + 1
+        case 5: version = version == 1 ? 2 : 1  // the other version's encoding and header
         default: break
         }
         let id = client.nextID
         client.nextID &+= 1
-        let bytes = WireMessage.encode(request, requestID: id, descriptors: declared)
+        let bytes = WireMessage.encode(request, requestID: id, descriptors: declared, version: version)
         _ = try? UnixSocket.send(socket.descriptor, bytes: bytes, fds: attached.map(\.descriptor), flags: CInt(MSG_DONTWAIT))
     }
 
@@ -252,12 +268,15 @@ final class BrokerRun {
         }
         let response: Response
         do {
-            (_, response) = try WireMessage.decodeResponse(message.bytes, descriptors: message.fds.count)
+            (_, response) = try WireMessage.decodeResponse(message.bytes, descriptors: message.fds.count, version: client.version)
         } catch {
-            fatalError("fuzz-broker: the broker sent a message that does not decode (\(error)): \(message.bytes) with \(message.fds.count) fds")
+            fatalError("fuzz-broker: the broker sent a message that does not decode in version \(client.version.map(String.init) ?? "nil") (\(error)): \(message.bytes) with \(message.fds.count) fds")
         }
+        if tracing { print("fuzz-broker trace: uid \(client.uid) got \(response) with \(message.fds.count) fds") }
         switch response {
+        case .hello(let reply): client.version = reply.version
         case .buffer(let info): remember(info.id, in: &bufferIDs)
+        case .buffers(let infos): for info in infos.prefix(4) { remember(info.id, in: &bufferIDs) }
         case .share(let reply): if let token = reply.token { remember(token, in: &tokens) }
         case .layout(let layout): remember(layout.lease, in: &leaseIDs)
         case .list(let infos, _): for info in infos.prefix(4) { remember(info.id, in: &bufferIDs) }
@@ -345,6 +364,16 @@ final class BrokerRun {
     private func bufferID() -> BufferID { pick(bufferIDs) }
     private func token() -> UInt64 { input.byte() & 1 == 1 ? 0 : pick(tokens) }
     private func leaseID() -> LeaseID { pick(leaseIDs) }
+
+    /// v2 allocation flags: the defaults, or raw values (invalid fd flags, nonzero heap flags).
+    private func flags() -> (UInt32, UInt64) {
+        switch input.byte() % 4 {
+        case 0: return (FDFlags.default, 0)
+        case 1: return (input.u32(), 0)
+        case 2: return (FDFlags.default, value())
+        default: return (input.u32(), input.u64())
+        }
+    }
 
     private func deadline() -> UInt32 {
         let b = input.byte()

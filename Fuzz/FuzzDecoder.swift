@@ -33,11 +33,11 @@ private func checkRequest(_ bytes: [UInt8], descriptors: Int) {
     precondition(WireMessage.descriptorRange(of: request.type).contains(descriptors),
                  "decodeRequest accepted \(request.type) with \(descriptors) fds")
     precondition(header.type == request.type.rawValue, "header type \(header.type) but decoded \(request.type)")
-    let again = WireMessage.encode(request, requestID: header.requestID, descriptors: descriptors)
+    let again = WireMessage.encode(request, requestID: header.requestID, descriptors: descriptors, version: header.version)
     guard again == canonical(bytes, event: false) else {
         fatalError("request \(request) re-encodes to \(again), not \(bytes)")
     }
-    guard let (header2, request2) = try? WireMessage.decodeRequest(again, descriptors: descriptors),
+    guard let (header2, request2) = try? WireMessage.decodeRequest(again, descriptors: descriptors, version: header.version),
           request2 == request, header2 == header
     else { fatalError("request \(request) does not decode again to itself") }
 }
@@ -49,11 +49,12 @@ private func checkResponse(_ bytes: [UInt8], descriptors: Int) {
     precondition(WireMessage.descriptorRange(of: response.type).contains(descriptors),
                  "decodeResponse accepted \(response.type) with \(descriptors) fds")
     precondition(header.type == response.type.rawValue, "header type \(header.type) but decoded \(response.type)")
-    let again = WireMessage.encode(response, requestID: header.requestID, descriptors: descriptors)
+    let again = WireMessage.encode(response, requestID: header.requestID, descriptors: descriptors, version: header.version)
     guard again == canonical(bytes, event: response.isEvent) else {
         fatalError("response \(response) re-encodes to \(again), not \(bytes)")
     }
-    guard let (_, response2) = try? WireMessage.decodeResponse(again, descriptors: descriptors), response2 == response else {
+    guard let (_, response2) = try? WireMessage.decodeResponse(again, descriptors: descriptors, version: header.version),
+          response2 == response else {
         fatalError("response \(response) does not decode again to itself")
     }
 }

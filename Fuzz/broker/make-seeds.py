@@ -35,12 +35,14 @@ HELD = fd(8)
 def connect(s=0, uid=0): return bytes([0, s, uid])     # uid: 0 -> 1000, 1 -> 1001, 2 -> root
 def hello(s=0): return bytes([27]) + send(s)
 def hello_v(lo, hi, s=0): return bytes([1, lo, hi]) + name(6) + send(s)
-def allocate(size, heap=0, tag=b"\xa0", s=0, mm=3): return bytes([3]) + size + name(heap) + tag + bytes([3]) + send(s, mm)
+def allocate(size, heap=0, tag=b"\xa0", s=0, mm=3, flags=b"\x00"): return bytes([3]) + size + name(heap) + tag + bytes([3]) + flags + send(s, mm)
+def batch(count, size, heap=0, s=0, flags=b"\x00"): return bytes([28, count]) + size + name(heap) + bytes([0xa4]) + flags + send(s)
+def release_quiet(ids, s=0): return bytes([29, len(ids)]) + b"".join(ids) + send(s)
 def udmabuf(size, s=0): return bytes([4]) + size + bytes([0xa1, 0]) + send(s)
 def from_memfd(ranges, attachment, s=0):
     body = bytes([5, len(ranges)])
     for off, size in ranges: body += off + size
-    return body + bytes([0xa2]) + attachment + send(s)
+    return body + bytes([0xa2, 0]) + attachment + send(s)
 def import_buffer(attachment, s=0, mm=3): return bytes([6, 0xa3]) + attachment + send(s, mm)
 def share(b=pool(), uid=None, token=False, s=0):
     return bytes([7]) + b + (bytes([1, uid]) if uid is not None else bytes([0])) + bytes([1 if token else 0]) + send(s)
@@ -73,6 +75,10 @@ def flood(s=0, n=63, lists=True): return bytes([26, s, 1 if lists else 0, n])
 PAGE = pages(1)
 DEFAULTS = b"\x00"  # the config byte: no tight limits (see BrokerRun.config)
 SEEDS = {
+    "v2-batch-quiet": DEFAULTS + connect() + hello_v(1, 2) + batch(3, PAGE) + batch(0, PAGE) + batch(17, PAGE) + batch(2, bval(10)) + release_quiet([pool(0), pool(1)]) + list_(),
+    "v2-flags": DEFAULTS + connect() + hello_v(2, 2) + allocate(PAGE, flags=b"\x01\xff\xff\xff\xff") + allocate(PAGE, flags=b"\x02" + bval(1)) + allocate(PAGE)
+        + from_memfd([(bval(0), bval(3))], MEMFD) + stats() + release_quiet([raw64(2**64 - 1)]),
+    "v2-v1-mixed": DEFAULTS + connect(0) + hello_v(1, 2) + connect(1, 1) + hello(1) + allocate(PAGE) + share(uid=1) + fetch(s=1) + allocate(PAGE, s=1, mm=3) + list_(s=1) + release_quiet([pool(0)]),
     "hello": DEFAULTS + connect() + hello(),
     "hello-versions": DEFAULTS + connect() + hello_v(0, 0) + connect(1) + hello_v(2, 250),
     "no-hello-timeout": b"\x10" + connect() + wait(2) + wait(2) + allocate(PAGE),
@@ -121,10 +127,20 @@ SEEDS = {
     "keep-fds-disconnect": DEFAULTS + connect() + hello() + allocate(PAGE) + udmabuf(PAGE) + disconnect() + wait(2),
 }
 
+# Inputs that showed a broker bug: written to Fuzz/corpus/broker-findings/ (see its README), not seeds.
+FINDINGS = {
+    "import-own-buffer-never-freed": DEFAULTS + connect() + hello() + allocate(PAGE) + import_buffer(HELD) + list_() + drop_held(),
+}
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for name_, body in SEEDS.items():  # each starts with its config byte
         with open(os.path.join(OUT, name_), "wb") as f:
+            f.write(body)
+    findings = os.path.join(OUT, "..", "broker-findings")
+    os.makedirs(findings, exist_ok=True)
+    for name_, body in FINDINGS.items():
+        with open(os.path.join(findings, name_), "wb") as f:
             f.write(body)
     print(f"{len(SEEDS)} seeds in {os.path.normpath(OUT)}", file=sys.stderr)
 

@@ -6,14 +6,10 @@ import Glibc
 #endif
 
 /// Which way the CPU touches a buffer: the direction bits of `DMA_BUF_IOCTL_SYNC` and of fence export/import.
-public enum CPUAccess: Sendable, Hashable, CaseIterable {
-    /// `DMA_BUF_SYNC_READ`
-    case read
-    /// `DMA_BUF_SYNC_WRITE`
-    case write
-    /// `DMA_BUF_SYNC_RW`
-    case readWrite
+/// The one access vocabulary (``AccessMode``, in DmaBufTypes) under the name this layer has always used.
+public typealias CPUAccess = AccessMode
 
+extension AccessMode {
     var syncBits: UInt64 {
         switch self {
         case .read: CDmaBuf_DMA_BUF_SYNC_READ

@@ -143,12 +143,6 @@ public struct ByteCount: CustomStringConvertible, Sendable {
 }
 
 extension StringProtocol {
-    func trimmingSpaces() -> String {
-        // Trimmed in place on a Substring: reversing twice built two Strings character by character, and
-        // fdinfo parsing (on every daemon reply) trims every line.
-        var s = Substring(self)
-        while let first = s.first, first == " " || first == "\t" { s = s.dropFirst() }
-        while let last = s.last, last == " " || last == "\t" || last == "\n" { s = s.dropLast() }
-        return String(s)
-    }
+    /// The one trimming helper, under the name this layer's parsers (fdinfo, sysfs) already use.
+    func trimmingSpaces() -> String { trimmingWhitespace() }
 }

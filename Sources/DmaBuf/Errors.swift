@@ -41,26 +41,11 @@ extension Result where Failure == Errno {
 
 extension Errno {
     /// The C name of this errno (`EINVAL`), or `errno N` for numbers we do not name.
-    public var name: String {
-        Errno.names[rawValue] ?? "errno \(rawValue)"
-    }
-
-    static let names: [CInt: String] = [
-        1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 6: "ENXIO", 7: "E2BIG", 8: "ENOEXEC",
-        9: "EBADF", 10: "ECHILD", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES", 14: "EFAULT", 16: "EBUSY",
-        17: "EEXIST", 18: "EXDEV", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR", 22: "EINVAL", 23: "ENFILE",
-        24: "EMFILE", 25: "ENOTTY", 26: "ETXTBSY", 27: "EFBIG", 28: "ENOSPC", 29: "ESPIPE", 30: "EROFS",
-        31: "EMLINK", 32: "EPIPE", 34: "ERANGE", 35: "EDEADLK", 36: "ENAMETOOLONG", 38: "ENOSYS",
-        39: "ENOTEMPTY", 61: "ENODATA", 62: "ETIME", 71: "EPROTO", 74: "EBADMSG", 75: "EOVERFLOW",
-        77: "EBADFD", 84: "EILSEQ", 88: "ENOTSOCK", 90: "EMSGSIZE", 91: "EPROTOTYPE", 93: "EPROTONOSUPPORT",
-        95: "EOPNOTSUPP", 98: "EADDRINUSE", 103: "ECONNABORTED", 104: "ECONNRESET", 105: "ENOBUFS",
-        107: "ENOTCONN", 110: "ETIMEDOUT", 111: "ECONNREFUSED", 114: "EALREADY", 115: "EINPROGRESS",
-        116: "ESTALE", 122: "EDQUOT", 125: "ECANCELED",
-    ]
+    public var name: String { ErrnoNames.name(rawValue) }
 
     /// Looks up an errno by its C name (`"EINVAL"`).
     public init?(name: String) {
-        guard let raw = Errno.names.first(where: { $0.value == name })?.key else { return nil }
+        guard let raw = ErrnoNames.code(named: name) else { return nil }
         self.init(rawValue: raw)
     }
 

@@ -57,6 +57,10 @@ public protocol KernelBackend: AnyObject {
     func memAvailable() -> UInt64?
     /// The udmabuf module limits, cached until the next rescan.
     func udmabufLimits() -> UDmabuf.Limits
+    /// Total and free bytes behind a heap of `kind` (`cma`: CmaTotal/CmaFree); 0 when unknown.
+    func heapTotals(kind: String) -> (total: UInt64, free: UInt64)
+    /// `/sys/module/dma_heap/parameters/mem_accounting` reads Y: the system heap charges memory cgroups.
+    func memAccounting() -> Bool
 }
 
 /// The first occurrence of `size:`, `count:` and `exp_name:` in dma-buf fdinfo. The kernel prints those
@@ -232,18 +236,27 @@ public final class RealKernel: KernelBackend {
     public func memAvailable() -> UInt64? {
         let now = ContinuousClock.now
         if let memory, now - memory.at < .milliseconds(100) { return memory.value }
-        let value = (try? SmallFiles.read("/proc/meminfo")).flatMap(parseMemAvailable)
+        let value = (try? SmallFiles.read("/proc/meminfo")).flatMap { meminfoField($0, "MemAvailable:") }
         memory = (value, now)
         return value
     }
 
     public func udmabufLimits() -> UDmabuf.Limits { limits }
+
+    public func heapTotals(kind: String) -> (total: UInt64, free: UInt64) {
+        guard kind == "cma", let text = try? SmallFiles.read("/proc/meminfo") else { return (0, 0) }
+        return (meminfoField(text, "CmaTotal:") ?? 0, meminfoField(text, "CmaFree:") ?? 0)
+    }
+
+    public func memAccounting() -> Bool {
+        (try? SmallFiles.read("/sys/module/dma_heap/parameters/mem_accounting"))?.hasPrefix("Y") ?? false
+    }
 }
 
-/// `MemAvailable:` of /proc/meminfo text, in bytes.
-public func parseMemAvailable(_ text: String) -> UInt64? {
-    for line in text.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
-        let digits = line.dropFirst(13).drop { $0 == " " }.prefix { $0.isNumber }
+/// A `Key: N kB` field of /proc/meminfo text, in bytes.
+public func meminfoField(_ text: String, _ key: String) -> UInt64? {
+    for line in text.split(separator: "\n") where line.hasPrefix(key) {
+        let digits = line.dropFirst(key.count).drop { $0 == " " }.prefix { $0.isNumber }
         guard let kb = UInt64(digits) else { return nil }
         let (bytes, overflow) = kb.multipliedReportingOverflow(by: 1024)
         return overflow ? nil : bytes

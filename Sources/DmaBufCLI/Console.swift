@@ -11,14 +11,22 @@ import Musl
 /// Commands never call `print` directly, so that tests can run a whole command in-process and read what it
 /// wrote: ``Console/current`` is task-local, and ``Dmabufctl/execute(_:)`` run under
 /// `Console.$current.withValue(...)` writes into the given console instead of the process's streams.
+///
+/// Everything written passes ``printableLines(_:)``: whatever reaches the terminal has no control
+/// character but the newlines between lines, whichever formatter built it.
 public struct Console: Sendable {
-    public var writeOut: @Sendable (String) -> Void
-    public var writeErr: @Sendable (String) -> Void
+    private let rawOut: @Sendable (String) -> Void
+    private let rawErr: @Sendable (String) -> Void
 
     public init(out: @escaping @Sendable (String) -> Void, err: @escaping @Sendable (String) -> Void) {
-        self.writeOut = out
-        self.writeErr = err
+        self.rawOut = out
+        self.rawErr = err
     }
+
+    /// Writes `text` to stdout as it is, but for the last escaping net.
+    public func writeOut(_ text: String) { rawOut(printableLines(text)) }
+    /// Writes `text` to stderr as it is, but for the last escaping net.
+    public func writeErr(_ text: String) { rawErr(printableLines(text)) }
 
     /// The process's stdout and stderr, flushed after every write (output may be a pipe read by a script
     /// that waits for `alloc --hold` to print the id).

@@ -231,7 +231,7 @@ public struct FenceOptions: ParsableArguments {
     public var pages: PageSpan = .all
 
     @Option(help: "read or write.")
-    public var access: AccessArgument
+    public var access: AccessMode
 
     public init() {}
 }
@@ -264,7 +264,7 @@ public struct FenceWaitCommand: ParsableCommand {
     public func run() throws {
         let result: FenceOutput = try withDaemon(connection) { connection in
             let (count, syncFile) = try connection.beginAccess(
-                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access.mode)
+                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access)
             let start = ContinuousClock.now
             if let syncFile {
                 do {
@@ -275,7 +275,7 @@ public struct FenceWaitCommand: ParsableCommand {
                 }
             }
             return FenceOutput(
-                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access.rawValue,
+                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access.description,
                 fences: UInt32(count), signaled: true,
                 waitedMilliseconds: syncFile == nil ? 0 : UInt64(max(0, (ContinuousClock.now - start).wholeMilliseconds)))
         }
@@ -304,9 +304,9 @@ public struct FenceStatusCommand: ParsableCommand {
     public func run() throws {
         let result: FenceOutput = try withDaemon(connection) { connection in
             let (count, syncFile) = try connection.beginAccess(
-                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access.mode)
+                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access)
             return FenceOutput(
-                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access.rawValue,
+                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access.description,
                 fences: UInt32(count), signaled: try syncFile?.isSignaled() ?? true, waitedMilliseconds: nil)
         }
         try emit(output.format, result, text: format(fence:))

@@ -100,32 +100,49 @@ extension ExitStatus {
     var exitCode: ExitCode { ExitCode(rawValue) }
 }
 
-/// Prints `error: ...` for `error` and returns the matching exit status.
+/// Prints `error: ...` for `error` and returns the matching exit status, decided on the error's kind, code
+/// and errno, never on its text. The daemon's message already reads `cause (ENAME); fix`.
 func report(_ error: any Error, console: Console = .current) -> ExitStatus {
     switch error {
     case let failed as Failed:
         return failed.status
     case let client as DmaBufClientError:
         if let wire = client.wire {
-            let name = Errno(rawValue: wire.errno).name
-            console.err("error: \(wire.message)" + (wire.message.contains(name) ? "" : " (\(name))"))
+            console.err("error: \(printable(wire.message))")
+            return status(of: wire)
+        }
+        switch client.kind {
+        case .disconnected, .protocolViolation:
+            console.err("error: lost the daemon: \(printable(client.local ?? "unknown error")) (\(client.errno?.name ?? "?"))")
+            return .unreachable
+        case .refused, .unsupported, .timedOut:
+            console.err("error: \(printable(client.local ?? "unknown error")) (\(client.errno?.name ?? "?"))")
             return .refused
         }
-        console.err("error: lost the daemon: \(client.local ?? "unknown error")")
-        return .unreachable
-    case let kernel as DmaBufError where kernel.subsystem == "socket":
-        console.err("error: \(kernel)")
-        return .unreachable
     case let kernel as DmaBufError:
-        console.err("error: \(kernel)")
-        return .refused
+        console.err("error: \(printable(kernel.description))")
+        return kernel.errno.map(lostConnection) == true ? .unreachable : .refused
     case let validation as ValidationError:
-        console.err("error: \(validation.message)")
+        console.err("error: \(printable(validation.message))")
         return .usage
     default:
-        console.err("error: \(error)")
+        console.err("error: \(printable("\(error)"))")
         return .refused
     }
+}
+
+/// A refusal's exit status: a malformed message or no common version ends the connection (the daemon
+/// disconnects), anything else is a refusal.
+func status(of refusal: WireError) -> ExitStatus {
+    switch refusal.code {
+    case .malformed, .unsupportedVersion: .unreachable
+    default: .refused
+    }
+}
+
+/// The errnos of a socket that no longer reaches the daemon.
+func lostConnection(_ errno: Errno) -> Bool {
+    [.brokenPipe, .connectionReset, .socketNotConnected, .connectionRefused, .connectionAbort].contains(errno)
 }
 
 /// Connects to the daemon and runs `body`, turning failures into `error: ...` and the documented exit status.
@@ -134,7 +151,7 @@ func withDaemon<T>(_ options: ConnectionOptions, _ body: (DmaBufConnection) thro
     do {
         connection = try DmaBufConnection(path: options.socket, clientName: "dmabufctl")
     } catch let error as DmaBufError {
-        Console.current.err("error: cannot reach dmabufd at \(options.socket): \(error)")
+        Console.current.err("error: cannot reach dmabufd at \(printable(options.socket)): \(printable(error.description))")
         throw ExitStatus.unreachable.exitCode
     } catch {
         throw report(error).exitCode

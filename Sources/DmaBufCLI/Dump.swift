@@ -178,7 +178,7 @@ public struct DumpCollector {
     /// Nil for a process with no dma-bufs (or that exited meanwhile).
     func process(_ pid: Int32) -> Outcome? {
         let base = "\(proc)/\(pid)"
-        let name = ((try? source.contents(base + "/comm")) ?? "?").trimmingNewlines()
+        let name = ((try? source.contents(base + "/comm")) ?? "?").trimmingWhitespace()
         var denied = false
 
         var fds: [FdUsage] = []
@@ -262,8 +262,8 @@ public struct DumpCollector {
         }
         for (inode, var buffer) in buffers where buffer.count == nil {
             let dir = "\(sysfsBuffers)/\(inode)"
-            if let size = (try? source.contents(dir + "/size")).flatMap({ UInt64($0.trimmingNewlines()) }) { buffer.size = size }
-            if let exporter = try? source.contents(dir + "/exporter_name") { buffer.exporter = exporter.trimmingNewlines() }
+            if let size = (try? source.contents(dir + "/size")).flatMap({ UInt64($0.trimmingWhitespace()) }) { buffer.size = size }
+            if let exporter = try? source.contents(dir + "/exporter_name") { buffer.exporter = exporter.trimmingWhitespace() }
             if buffer.size == 0 {
                 buffer.size = processes.flatMap(\.mappings).filter { $0.inode == inode }.map(\.size).max() ?? 0
             }
@@ -295,7 +295,7 @@ public func format(dump report: DumpReport) -> String {
         }
         text += summary.render()
         for p in report.processes {
-            text += "\n\(p.name) (\(p.pid))\n"
+            text += "\n\(printable(p.name)) (\(p.pid))\n"
             if !p.fds.isEmpty {
                 var fds = TextTable([
                     .init("FD", .right), .init("INODE", .right), .init("SIZE", .right), .init("EXPORTER"), .init("COUNT", .right),
@@ -335,14 +335,6 @@ public func format(dump report: DumpReport) -> String {
         text += "\(report.unreadable.count) process\(report.unreadable.count == 1 ? "" : "es") could not be read (not permitted); run as root to see every process\n"
     }
     return text
-}
-
-extension String {
-    func trimmingNewlines() -> String {
-        var s = Substring(self)
-        while let last = s.last, last == "\n" || last == " " { s = s.dropLast() }
-        return String(s)
-    }
 }
 
 // MARK: - Command

@@ -31,6 +31,9 @@ public func human(milliseconds ms: UInt64) -> String {
     }
 }
 
+/// A byte count the kernel may not know: `-` for 0 (unknown).
+func humanKnown(bytes: UInt64) -> String { bytes == 0 ? "-" : human(bytes: bytes) }
+
 /// A quota for people: `-` for none (0 or the all-ones "unlimited").
 func humanQuota(bytes: UInt64) -> String { bytes == 0 || bytes == .max ? "-" : human(bytes: bytes) }
 func humanQuota(buffers: UInt32) -> String { buffers == 0 || buffers == .max ? "-" : "\(buffers)" }
@@ -42,7 +45,7 @@ func humanQuota(buffers: UInt32) -> String { buffers == 0 || buffers == .max ? "
 public func encodeJSON<T: Encodable>(_ value: T) throws -> String {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes]
-    return String(decoding: try encoder.encode(value), as: UTF8.self) + "\n"
+    return jsonSafe(String(decoding: try encoder.encode(value), as: UTF8.self)) + "\n"
 }
 
 /// `ls --format json`: `{"buffers": [BufferInfo...]}`.
@@ -113,13 +116,17 @@ extension RunKind {
 
 // MARK: - Text
 
-/// `heaps`: one row per heap, then the policies.
+/// `heaps`: one row per heap (with, from a v2 daemon, its size and free bytes where the kernel reports them,
+/// CMA heaps mostly, and whether the kernel charges its allocations to a memory cgroup), then the policies.
 public func format(heaps reply: HeapsReply) -> String {
-    var table = TextTable([.init("HEAP"), .init("DEVICE"), .init("KIND"), .init("ALLOCATED", .right), .init("BUFFERS", .right)])
+    var table = TextTable([.init("HEAP"), .init("DEVICE"), .init("KIND"), .init("ALLOCATED", .right), .init("BUFFERS", .right),
+                           .init("TOTAL", .right), .init("FREE", .right), .init("MEMCG")])
     for heap in reply.heaps {
-        table.append([heap.name, heap.device, heap.kind, human(bytes: heap.allocatedBytes), "\(heap.buffers)"])
+        table.append([heap.name, heap.device, heap.kind, human(bytes: heap.allocatedBytes), "\(heap.buffers)",
+                      humanKnown(bytes: heap.totalBytes), humanKnown(bytes: heap.freeBytes), heap.chargesMemcg ? "charged" : "-"])
     }
     var text = table.render()
+    if reply.memAccounting { text += "dma_heap.mem_accounting=1: system heap allocations are charged to memory cgroups\n" }
     if !reply.policies.isEmpty {
         var policies = TextTable([.init("POLICY"), .init("HEAPS, IN ORDER OF PREFERENCE")])
         for policy in reply.policies { policies.append([policy.name, policy.chain.joined(separator: ", ")]) }
@@ -141,12 +148,12 @@ func state(of buffer: BufferInfo) -> String {
 public func format(buffers: [BufferInfo]) -> String {
     var table = TextTable([
         .init("ID", .right), .init("OWNER"), .init("HEAP"), .init("SIZE", .right), .init("HOLDERS", .right),
-        .init("LEASES", .right), .init("STATE"), .init("NAME"),
+        .init("LEASES", .right), .init("STATE"), .init("CGROUP"), .init("NAME"),
     ])
     for b in buffers {
         table.append([
             "\(b.id)", "\(b.ownerUID)/\(b.ownerPID)", b.heap, human(bytes: b.size), "\(b.externalReferences)",
-            "\(b.leases)", state(of: b), b.name,
+            "\(b.leases)", state(of: b), b.cgroup.isEmpty ? "-" : b.cgroup, b.name,
         ])
     }
     return table.render()
@@ -161,15 +168,16 @@ public func format(info b: BufferInfo) -> String {
         ("tag", b.tag.isEmpty ? "-" : b.tag),
         ("name", b.name),
         ("owner", "uid \(b.ownerUID), pid \(b.ownerPID)"),
+        ("cgroup", b.cgroup.isEmpty ? "-" : b.cgroup),
         ("generation", "\(b.generation)"),
         ("holders", "\(b.externalReferences)"),
         ("leases", "\(b.leases)"),
         ("shared with", b.sharedWith.isEmpty ? "-" : b.sharedWith.map { "uid \($0)" }.joined(separator: ", ")),
         ("state", state(of: b)),
-    ]
+    ] + (b.heap == "udmabuf" ? [("memfd", b.memfdOwnedByDaemon ? "dmabufd's own" : "the client's")] : [])
     let width = fields.map(\.0.count).max()! + 1
     return "buffer \(b.id)\n" + fields.map { name, value in
-        "  " + (name + ":").padding(to: width) + " " + value + "\n"
+        "  " + (name + ":").padding(to: width) + " " + printable(value) + "\n"
     }.joined()
 }
 
@@ -222,6 +230,15 @@ public func format(stats: Stats) -> String {
         }
         text += "\n" + table.render()
     }
+    if !stats.cgroups.isEmpty {
+        var table = TextTable([
+            .init("CGROUP"), .init("ALLOCATED", .right), .init("BUFFERS", .right), .init("QUOTA BYTES", .right), .init("REFUSALS", .right),
+        ])
+        for c in stats.cgroups {
+            table.append([c.cgroup.isEmpty ? "-" : c.cgroup, human(bytes: c.bytes), "\(c.buffers)", humanQuota(bytes: c.quotaBytes), "\(c.refusals)"])
+        }
+        text += "\n" + table.render()
+    }
     if !stats.failures.isEmpty {
         var table = TextTable([.init("ERRNO"), .init("FAILURES", .right)])
         for f in stats.failures { table.append([f.errno, "\(f.count)"]) }
@@ -239,8 +256,10 @@ public func format(stats: Stats) -> String {
 /// `dmabufd_pending_fences`, `dmabufd_oldest_pending_fence_seconds`, `dmabufd_heap_allocated_bytes{heap}`,
 /// `dmabufd_heap_buffers{heap}`, `dmabufd_client_allocated_bytes{uid}`, `dmabufd_client_buffers{uid}`,
 /// `dmabufd_client_quota_bytes{uid}` and `dmabufd_client_quota_buffers{uid}` (only where a quota is set).
+/// Per owner cgroup (v2): gauges `dmabufd_cgroup_allocated_bytes{cgroup}`, `dmabufd_cgroup_buffers{cgroup}`,
+/// `dmabufd_cgroup_quota_bytes{cgroup}` (only where a quota is set), counter `dmabufd_cgroup_refusals_total{cgroup}`.
 /// Counters: `dmabufd_heap_allocation_failures_total{heap}`, `dmabufd_client_refusals_total{uid}`,
-/// `dmabufd_failures_total{errno}`.
+/// `dmabufd_failures_total{errno}`. Label values are escaped for OpenMetrics after ``printable(_:)``.
 public func openMetrics(stats: Stats) -> String {
     var out = ""
     func family(_ name: String, _ type: String, _ help: String, unit: String? = nil, _ samples: [(labels: String, value: String)]) {
@@ -253,6 +272,7 @@ public func openMetrics(stats: Stats) -> String {
     func one(_ value: some BinaryInteger) -> [(labels: String, value: String)] { [("", "\(value)")] }
     func heap(_ h: HeapStats) -> String { "{heap=\"\(escapeLabel(h.heap))\"}" }
     func uid(_ c: ClientStats) -> String { "{uid=\"\(c.uid)\"}" }
+    func cgroup(_ c: CgroupStats) -> String { "{cgroup=\"\(escapeLabel(c.cgroup))\"}" }
 
     family("dmabufd_buffers", "gauge", "Buffers the daemon accounts for.", one(stats.buffers))
     family("dmabufd_allocated_bytes", "gauge", "Bytes in the buffers the daemon accounts for.", unit: "bytes", one(stats.bytes))
@@ -276,6 +296,13 @@ public func openMetrics(stats: Stats) -> String {
            stats.clients.filter { $0.quotaBuffers != 0 && $0.quotaBuffers != .max }.map { (uid($0), "\($0.quotaBuffers)") })
     family("dmabufd_client_refusals", "counter", "Requests refused for each client uid (quota, permission).",
            stats.clients.map { (uid($0), "\($0.refusals)") })
+    family("dmabufd_cgroup_allocated_bytes", "gauge", "Bytes held by buffers whose owners are in each cgroup.", unit: "bytes",
+           stats.cgroups.map { (cgroup($0), "\($0.bytes)") })
+    family("dmabufd_cgroup_buffers", "gauge", "Buffers whose owners are in each cgroup.", stats.cgroups.map { (cgroup($0), "\($0.buffers)") })
+    family("dmabufd_cgroup_quota_bytes", "gauge", "Each cgroup's byte quota, where one is set.", unit: "bytes",
+           stats.cgroups.filter { $0.quotaBytes != 0 && $0.quotaBytes != .max }.map { (cgroup($0), "\($0.quotaBytes)") })
+    family("dmabufd_cgroup_refusals", "counter", "Requests refused for owners in each cgroup.",
+           stats.cgroups.map { (cgroup($0), "\($0.refusals)") })
     family("dmabufd_failures", "counter", "Failed requests by errno.",
            stats.failures.map { ("{errno=\"\(escapeLabel($0.errno))\"}", "\($0.count)") })
     out += "# EOF\n"
@@ -292,15 +319,17 @@ func seconds(milliseconds ms: UInt64) -> String {
     return "\(whole).\(digits)"
 }
 
-/// OpenMetrics label values escape `\`, `"` and newlines.
+/// OpenMetrics label values escape `\`, `"` and newlines; any other unprintable scalar is written as the
+/// visible escape ``printable(_:)`` uses, its backslash escaped as OpenMetrics requires (`\\x1b`).
 func escapeLabel(_ value: String) -> String {
     var out = ""
-    for c in value {
-        switch c {
+    for scalar in value.unicodeScalars {
+        switch scalar {
         case "\\": out += "\\\\"
         case "\"": out += "\\\""
         case "\n": out += "\\n"
-        default: out.append(c)
+        default:
+            if isPrintable(scalar) { out.unicodeScalars.append(scalar) } else { out += "\\" + escaped(scalar) }
         }
     }
     return out

@@ -30,11 +30,18 @@ public enum StatsFormat: String, ExpressibleByArgument, CaseIterable, Sendable {
     case text, json, openmetrics
 }
 
-/// `--access read|write` for fence commands.
-public enum AccessArgument: String, ExpressibleByArgument, CaseIterable, Sendable {
-    case read, write
+/// `--access read|write` for fence commands: the one ``AccessMode``, limited to what the wire carries.
+extension AccessMode: ExpressibleByArgument {
+    public init?(argument: String) {
+        switch argument {
+        case "read": self = .read
+        case "write": self = .write
+        default: return nil
+        }
+    }
 
-    public var mode: AccessMode { self == .read ? .read : .write }
+    public static var allValueStrings: [String] { ["read", "write"] }
+    public var defaultValueDescription: String { description }
 }
 
 /// A page range from `--pages`: `A:B` (pages A up to, not including, B), `A:` (A to the end), or `A`
@@ -84,15 +91,11 @@ public func parseSize(_ text: String) throws -> Int {
 
 /// Parses a duration: a non-negative number with a unit (`ms`, `s`, `m`, `h`); a bare number is seconds.
 /// - Throws: `ValidationError` for anything else.
+/// The grammar is the daemon's config grammar (``DurationText/parse(_:)``); the wire's `*_ms` fields are u32.
 public func parseDuration(_ text: String) throws -> Duration {
-    let trimmed = text.lowercased()
-    let number = trimmed.prefix(while: { $0.isNumber || $0 == "." })
-    let unit = trimmed.dropFirst(number.count)
-    let scale: [Substring: Double] = ["": 1, "s": 1, "sec": 1, "ms": 0.001, "m": 60, "min": 60, "h": 3600]
-    guard let value = Double(number), let multiplier = scale[unit], value.isFinite else {
+    guard let duration = DurationText.parse(text) else {
         throw ValidationError("'\(text)' is not a duration: use a number with a unit (500ms, 5s, 2m, 1h)")
     }
-    let milliseconds = (value * multiplier * 1000).rounded()
-    guard milliseconds < Double(UInt32.max) else { throw ValidationError("'\(text)' is too long a duration") }
-    return .milliseconds(Int64(milliseconds))
+    guard duration.wholeMilliseconds < Int64(UInt32.max) else { throw ValidationError("'\(text)' is too long a duration") }
+    return duration
 }

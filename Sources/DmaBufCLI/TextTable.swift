@@ -21,9 +21,10 @@ public struct TextTable: Sendable, Equatable {
 
     public init(_ columns: [Column]) { self.columns = columns }
 
-    /// Adds a row; missing cells are blank, extra cells are dropped.
+    /// Adds a row; missing cells are blank, extra cells are dropped. Cells are escaped (``printable(_:)``):
+    /// a tag or name cannot break a row, a column or the terminal.
     public mutating func append(_ cells: [String]) {
-        rows.append((0..<columns.count).map { $0 < cells.count ? cells[$0] : "" })
+        rows.append((0..<columns.count).map { $0 < cells.count ? printable(cells[$0]) : "" })
     }
 
     /// The table, each line ended by a newline, each prefixed by `indent`.

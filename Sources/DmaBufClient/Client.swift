@@ -3,66 +3,172 @@ import DmaBufWire
 
 /// The async client: one connection to dmabufd, safe to share between tasks.
 ///
-/// Each call sends one request and waits for its reply; the daemon answers from its event loop without
-/// blocking on other clients, so a call takes as long as the kernel work behind it.
-public actor DmaBufClient {
-    private let connection: DmaBufConnection
+/// No call blocks a thread of Swift's cooperative pool: every socket operation runs on the connection's
+/// own I/O thread (``ClientIO``), and a call suspends until its reply arrives. Calls from many tasks are
+/// pipelined on the one connection and matched to their replies by request id. It is a `Sendable` class,
+/// not an actor: its state lives behind the I/O thread's lock, so there is nothing for an actor to guard.
+///
+/// For code that is not async, ``DmaBufConnection`` is the same protocol over blocking calls.
+public final class DmaBufClient: Sendable {
+    private let io: ClientIO
 
-    /// What the daemon said in the handshake.
-    public nonisolated let server: HelloReply
+    /// What the daemon said in the handshake: the negotiated version, limits, and who it thinks we are.
+    public let server: HelloReply
 
-    /// Connects to dmabufd at `path` and negotiates the protocol version.
-    public init(path: String = DmaBufConnection.defaultSocketPath, clientName: String = "dmabuf-client") throws {
-        let connection = try DmaBufConnection(path: path, clientName: clientName)
-        self.connection = connection
-        self.server = connection.server
+    /// The negotiated protocol version.
+    public var version: UInt16 { server.version }
+
+    /// Connects to dmabufd at `path` (on the I/O thread) and negotiates the protocol version.
+    public convenience init(path: String = DmaBufConnection.defaultSocketPath, clientName: String = "dmabuf-client") async throws {
+        try await self.init(io: ClientIO.start { try UnixSocket.connect(path: path, kind: .seqpacket).shared() }, clientName: clientName)
     }
 
-    public func heaps() throws -> HeapsReply { try connection.heaps() }
-
-    public func allocate(size: Int, heap: String = "any", tag: String = "", cpuAccess: CPUAccessHint = .readWrite) throws -> RemoteBuffer {
-        try connection.allocate(size: size, heap: heap, tag: tag, cpuAccess: cpuAccess)
+    /// Wraps an already connected socket (e.g. one end of a socketpair) and negotiates the version.
+    public convenience init(socket: SharedFD, clientName: String = "dmabuf-client") async throws {
+        try await self.init(io: ClientIO.start { socket }, clientName: clientName)
     }
 
-    public func createUDmabuf(size: Int, tag: String = "", hugePages: Bool = false) throws -> RemoteBuffer {
-        try connection.createUDmabuf(size: size, tag: tag, hugePages: hugePages)
+    private init(io: ClientIO, clientName: String) async throws {
+        self.io = io
+        guard case .hello(let reply) = try await io.call(.hello(Hello(client: clientName))).response else {
+            io.stop()
+            throw DmaBufClientError(local: "the daemon answered the handshake with something else")
+        }
+        guard WireLimits.supportedVersions.contains(reply.version) else {
+            io.stop()
+            throw DmaBufClientError(local: "the daemon chose protocol version \(reply.version), which this client does not speak")
+        }
+        server = reply
     }
 
-    public func createUDmabuf(memfd: Memfd, ranges: [ByteRange], tag: String = "") throws -> RemoteBuffer {
-        try connection.createUDmabuf(memfd: memfd, ranges: ranges, tag: tag)
+    deinit { io.stop() }
+
+    /// Closes the connection now: pending calls and event waits fail with ``DmaBufClientError/Kind/disconnected``.
+    public func close() { io.stop() }
+
+    /// Sends any request and waits for its reply; fds are kept alive until sent.
+    public func call(_ request: Request, fds: [SharedFD] = []) async throws -> (response: Response, fds: [SharedFD]) {
+        try await io.call(request, fds: fds)
     }
 
-    public func importBuffer(_ buffer: DmaBuffer, tag: String = "") throws -> BufferInfo {
-        try connection.importBuffer(buffer, tag: tag)
+    // MARK: - Requests (as in ``DmaBufConnection``)
+
+    public func heaps() async throws -> HeapsReply {
+        guard case .heaps(let reply) = try await call(.listHeaps).response else { throw DmaBufClientError(local: "expected heaps") }
+        return reply
+    }
+
+    /// Allocates `size` bytes; `fdFlags` (``FDFlags``) and `heapFlags` need v2 unless they are the defaults.
+    public func allocate(size: Int, heap: String = "any", tag: String = "", fdFlags: UInt32 = FDFlags.default,
+                         heapFlags: UInt64 = 0) async throws -> RemoteBuffer {
+        try Replies.requireV2(version, unless: fdFlags == FDFlags.default && heapFlags == 0, "fd_flags and heap_flags")
+        let request = AllocateRequest(size: UInt64(clamping: size), heap: heap, tag: tag, fdFlags: fdFlags, heapFlags: heapFlags)
+        let result = try Replies.buffer(await call(.allocate(request)))
+        try Replies.keepOpenOnExec(result.buffer.fd, unless: fdFlags)
+        return result
+    }
+
+    /// v2: `count` (1...16) buffers of `size` bytes in one round trip, all or nothing.
+    public func allocateBatch(count: Int, size: Int, heap: String = "any", tag: String = "", fdFlags: UInt32 = FDFlags.default,
+                              heapFlags: UInt64 = 0) async throws -> [RemoteBuffer] {
+        let request = try Replies.batch(version, count: count, size: size, heap: heap, tag: tag, fdFlags: fdFlags, heapFlags: heapFlags)
+        return try Replies.buffers(await call(.allocateBatch(request)), count: count, fdFlags: fdFlags)
+    }
+
+    /// Drops this client's hold on each buffer without waiting for anything (v2 `release_quiet`; on v1,
+    /// one `release` each, refusals ignored).
+    public func releaseQuiet(_ buffers: [BufferID]) async throws {
+        guard version >= 2 else {
+            for id in buffers {
+                do { try await release(id) } catch let error as DmaBufClientError where error.kind == .refused {}
+            }
+            return
+        }
+        var rest = buffers[...]
+        while !rest.isEmpty {
+            let chunk = Array(rest.prefix(WireLimits.maximumListEntries))
+            rest = rest.dropFirst(chunk.count)
+            try io.send(.releaseQuiet(chunk))
+        }
+    }
+
+    public func createUDmabuf(size: Int, tag: String = "", hugePages: Bool = false) async throws -> RemoteBuffer {
+        try Replies.buffer(await call(.createUDmabuf(UDmabufRequest(size: UInt64(clamping: size), tag: tag, hugePages: hugePages))))
+    }
+
+    public func createUDmabuf(memfd: Memfd, ranges: [ByteRange], tag: String = "", flags: UInt32 = 0) async throws -> RemoteBuffer {
+        try Replies.requireV2(version, unless: flags == 0, "udmabuf flags")
+        let request = UDmabufFromMemfdRequest(ranges: ranges, tag: tag, flags: flags)
+        return try Replies.buffer(await call(.createUDmabufFromMemfd(request), fds: [memfd.fd]))
+    }
+
+    public func importBuffer(_ buffer: DmaBuffer, tag: String = "") async throws -> BufferInfo {
+        try Replies.buffer(await call(.importBuffer(tag: tag), fds: [buffer.fd])).info
     }
 
     @discardableResult
-    public func share(_ buffer: BufferID, uid: UInt32? = nil, oneTimeToken: Bool = false) throws -> UInt64? {
-        try connection.share(buffer, uid: uid, oneTimeToken: oneTimeToken)
+    public func share(_ buffer: BufferID, uid: UInt32? = nil, oneTimeToken: Bool = false) async throws -> UInt64? {
+        guard case .share(let reply) = try await call(.share(ShareRequest(buffer: buffer, uid: uid, oneTimeToken: oneTimeToken))).response else {
+            throw DmaBufClientError(local: "expected a share reply")
+        }
+        return reply.token
     }
 
-    public func fetch(_ buffer: BufferID, token: UInt64 = 0) throws -> RemoteBuffer { try connection.fetch(buffer, token: token) }
-    public func release(_ buffer: BufferID) throws { try connection.release(buffer) }
-    public func list(all: Bool = false) throws -> [BufferInfo] { try connection.list(all: all) }
-    public func info(_ buffer: BufferID) throws -> BufferInfo { try connection.info(buffer) }
-    public func stats() throws -> Stats { try connection.stats() }
-
-    public func layout(_ buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, physical: Bool = false) throws -> Layout {
-        try connection.layout(buffer, firstPage: firstPage, pageCount: pageCount, physical: physical)
+    public func fetch(_ buffer: BufferID, token: UInt64 = 0) async throws -> RemoteBuffer {
+        try Replies.buffer(await call(.fetch(FetchRequest(buffer: buffer, token: token))))
     }
 
-    public func releaseLease(_ lease: LeaseID, fence: SyncFile? = nil) throws { try connection.releaseLease(lease, fence: fence) }
+    public func release(_ buffer: BufferID) async throws { try Replies.expectOK(await call(.release(buffer))) }
 
-    public func attachFence(_ fence: SyncFile, buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, access: AccessMode) throws {
-        try connection.attachFence(fence, buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access)
+    /// This client's buffers (every buffer for root when `all`), page after page.
+    public func list(all: Bool = false) async throws -> [BufferInfo] {
+        var items: [BufferInfo] = []
+        var after: BufferID = 0
+        while true {
+            guard case .list(let page, let more) = try await call(.list(all: all, after: after)).response else {
+                throw DmaBufClientError(local: "expected a list")
+            }
+            items += page
+            guard more, let last = page.last?.id, last > after else { return items }
+            after = last
+        }
     }
 
-    public func beginAccess(buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, access: AccessMode) throws -> (fences: Int, syncFile: SyncFile?) {
-        try connection.beginAccess(buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access)
+    public func info(_ buffer: BufferID) async throws -> BufferInfo {
+        guard case .buffer(let info) = try await call(.info(buffer)).response else { throw DmaBufClientError(local: "expected a buffer") }
+        return info
     }
 
-    public func revoke(_ buffer: BufferID, deadline: Duration? = nil) throws { try connection.revoke(buffer, deadline: deadline) }
+    public func stats() async throws -> Stats {
+        guard case .stats(let stats) = try await call(.stats).response else { throw DmaBufClientError(local: "expected stats") }
+        return stats
+    }
 
-    /// The next event, waiting at most `timeout`.
-    public func nextEvent(timeout: Duration?) throws -> Response? { try connection.nextEvent(timeout: timeout) }
+    public func layout(_ buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, physical: Bool = false) async throws -> Layout {
+        let request = LayoutRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, physical: physical)
+        guard case .layout(let layout) = try await call(.layout(request)).response else { throw DmaBufClientError(local: "expected a layout") }
+        return layout
+    }
+
+    public func releaseLease(_ lease: LeaseID, fence: SyncFile? = nil) async throws {
+        try Replies.expectOK(await call(.releaseLease(lease), fds: fence.map { [$0.fd] } ?? []))
+    }
+
+    public func attachFence(_ fence: SyncFile, buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, access: AccessMode) async throws {
+        let request = FenceAttachRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access)
+        try Replies.expectOK(await call(.attachFence(request), fds: [fence.fd]))
+    }
+
+    public func beginAccess(buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0,
+                            access: AccessMode) async throws -> (fences: Int, syncFile: SyncFile?) {
+        try Replies.access(await call(.beginAccess(AccessRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access))))
+    }
+
+    public func revoke(_ buffer: BufferID, deadline: Duration? = nil) async throws {
+        try Replies.expectOK(await call(Replies.revokeRequest(buffer, deadline: deadline)))
+    }
+
+    /// The next event, waiting at most `timeout` (nil: until one arrives or the connection fails); nil when
+    /// none came in time. Waiting suspends the task; no thread is held.
+    public func nextEvent(timeout: Duration?) async throws -> Response? { try await io.nextEvent(timeout: timeout) }
 }

@@ -6,22 +6,47 @@ import SystemPackage
 import Glibc
 #endif
 
-/// A refusal from dmabufd, or a failure talking to it.
+/// A refusal from dmabufd, or a failure talking to it. Programs decide on ``kind``, ``errno`` and the
+/// wire ``WireError/code``, never on the text.
 public struct DmaBufClientError: Error, Sendable, Equatable, CustomStringConvertible {
+    public enum Kind: Sendable, Equatable {
+        /// The daemon refused: ``wire`` holds its errno, code and message.
+        case refused
+        /// The connection is gone (the daemon closed it, or the socket failed).
+        case disconnected
+        /// The daemon sent something this client cannot make sense of.
+        case protocolViolation
+        /// The negotiated protocol version cannot express the request (e.g. `fd_flags` on v1).
+        case unsupported
+        /// No answer within the caller's timeout.
+        case timedOut
+    }
+
+    public var kind: Kind
     /// The daemon's refusal, when it sent one.
     public var wire: WireError?
     /// A local failure (connecting, a broken socket, a reply that made no sense).
     public var local: String?
 
-    public init(wire: WireError) { self.wire = wire; self.local = nil }
-    public init(local: String) { self.wire = nil; self.local = local }
+    public init(wire: WireError) { self.kind = .refused; self.wire = wire; self.local = nil }
+    public init(_ kind: Kind, _ local: String) { self.kind = kind; self.wire = nil; self.local = local }
+    public init(local: String) { self.init(.protocolViolation, local) }
 
-    /// The errno the daemon named, if any.
-    public var errno: Errno? { wire.map { Errno(rawValue: $0.errno) } }
+    /// The errno the daemon named, or the one that names a local failure (ECONNRESET, EPROTO, EOPNOTSUPP,
+    /// ETIMEDOUT).
+    public var errno: Errno? {
+        switch kind {
+        case .refused: wire.map { Errno(rawValue: $0.errno) }
+        case .disconnected: .connectionReset
+        case .protocolViolation: Errno(rawValue: 71)  // EPROTO
+        case .unsupported: .notSupported
+        case .timedOut: .timedOut
+        }
+    }
 
     public var description: String {
         if let wire { return "dmabufd: \(wire.message)" }
-        return "dmabufd: \(local ?? "unknown error")"
+        return "dmabufd: \(local ?? "unknown error") (\(errno?.name ?? "?"))"
     }
 }
 
@@ -48,6 +73,10 @@ public final class DmaBufConnection {
     /// What the daemon said in the handshake (negotiated version, limits, and who it thinks we are).
     public private(set) var server: HelloReply
     private var nextRequestID: UInt32 = 1
+    /// The negotiated version once the handshake is done; nil during it.
+    private var negotiated: UInt16?
+    /// The version requests are encoded in.
+    public var version: UInt16 { negotiated ?? WireLimits.baseVersion }
     private var events: [Response] = []
 
     /// Connects and performs the version handshake.
@@ -58,7 +87,11 @@ public final class DmaBufConnection {
         guard case .hello(let reply) = try call(.hello(Hello(client: clientName))).response else {
             throw DmaBufClientError(local: "the daemon answered the handshake with something else")
         }
+        guard WireLimits.supportedVersions.contains(reply.version) else {
+            throw DmaBufClientError(local: "the daemon chose protocol version \(reply.version), which this client does not speak")
+        }
         server = reply
+        negotiated = reply.version
     }
 
     /// Wraps an already connected socket (e.g. one end of a socketpair) and performs the handshake.
@@ -68,69 +101,83 @@ public final class DmaBufConnection {
         guard case .hello(let reply) = try call(.hello(Hello(client: clientName))).response else {
             throw DmaBufClientError(local: "the daemon answered the handshake with something else")
         }
+        guard WireLimits.supportedVersions.contains(reply.version) else {
+            throw DmaBufClientError(local: "the daemon chose protocol version \(reply.version), which this client does not speak")
+        }
         server = reply
+        negotiated = reply.version
     }
 
     /// Sends `request` with `fds` (borrowed: they stay the caller's) and waits for its reply.
     /// An error reply is thrown as ``DmaBufClientError``.
     /// - Returns: the reply and any fds that came with it (owned by the returned `SharedFD`s).
     public func call(_ request: Request, fds: [FileDescriptor] = []) throws -> (response: Response, fds: [SharedFD]) {
-        let id = nextRequestID
-        nextRequestID = nextRequestID == UInt32.max ? 1 : nextRequestID + 1
-        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(request, requestID: id, descriptors: fds.count), fds: fds)
+        let id = send(request, fds: fds)
         while true {
-            let (header, response, received) = try receive(timeoutMilliseconds: -1)
+            guard let (header, response, received) = try receive(deadline: nil) else { continue }
             if response.isEvent {
                 events.append(response)
                 continue
             }
-            guard header.requestID == id else { continue }
+            guard header.requestID == (try id.get()) else { continue }
             if case .error(let error) = response { throw DmaBufClientError(wire: error) }
             return (response, received)
         }
     }
 
-    private func receive(timeoutMilliseconds: CInt) throws -> (Header, Response, [SharedFD]) {
-        let message = try UnixSocket.receive(socket.descriptor, maxBytes: WireLimits.maximumMessageSize, maxFDs: WireLimits.maximumDescriptors)
-        if message.isEndOfStream { throw DmaBufClientError(local: "the daemon closed the connection") }
+    /// Sends without waiting; the request id, or the send's failure (thrown by the caller once it wants the reply).
+    @discardableResult
+    private func send(_ request: Request, fds: [FileDescriptor]) -> Result<UInt32, any Error> {
+        let id = nextRequestID
+        nextRequestID = nextRequestID == UInt32.max ? 1 : nextRequestID + 1
+        let bytes = WireMessage.encode(request, requestID: id, descriptors: fds.count, version: version)
         do {
-            let (header, response) = try WireMessage.decodeResponse(message.bytes, descriptors: message.fds.count)
+            try UnixSocket.send(socket.descriptor, bytes: bytes, fds: fds)
+            return .success(id)
+        } catch {
+            return .failure(DmaBufClientError(.disconnected, "cannot send to the daemon: \(error)"))
+        }
+    }
+
+    /// Receives one message, waiting until `deadline` (nil: forever). Nil when the deadline passed first.
+    private func receive(deadline: ContinuousClock.Instant?) throws -> (Header, Response, [SharedFD])? {
+        var wait: CInt = -1
+        if let deadline {
+            let left = deadline - ContinuousClock.now
+            if left <= .zero { return nil }
+            wait = CInt(clamping: left.wholeMilliseconds + 1)
+        }
+        var fds = [pollfd(fd: socket.descriptor.rawValue, events: Int16(POLLIN), revents: 0)]
+        let ready = poll(&fds, 1, wait)
+        if ready < 0 && errno != EINTR { throw DmaBufClientError(.disconnected, "poll on the daemon's socket failed") }
+        if ready <= 0 { return nil }
+        let message: UnixSocket.Message
+        do {
+            message = try UnixSocket.receive(socket.descriptor, maxBytes: WireLimits.maximumMessageSize, maxFDs: WireLimits.maximumDescriptors)
+        } catch {
+            throw DmaBufClientError(.disconnected, "cannot receive from the daemon: \(error)")
+        }
+        if message.isEndOfStream { throw DmaBufClientError(.disconnected, "the daemon closed the connection") }
+        do {
+            let (header, response) = try WireMessage.decodeResponse(message.bytes, descriptors: message.fds.count, version: negotiated)
             return (header, response, message.fds)
         } catch {
-            throw DmaBufClientError(local: "malformed reply from the daemon: \(error)")
+            throw DmaBufClientError(.protocolViolation, "malformed reply from the daemon: \(error)")
         }
     }
 
     /// Returns the next event (lease revoked or ended, buffer freed, fence signalled), waiting up to
-    /// `timeout` (nil: forever). Nil when none arrived in time.
+    /// `timeout` (nil: forever). Nil when none arrived in time. Replies to nothing pending are dropped.
     public func nextEvent(timeout: Duration?) throws -> Response? {
         if !events.isEmpty { return events.removeFirst() }
         let deadline = timeout.map { ContinuousClock.now + $0 }
         while true {
-            var wait: CInt = -1
-            if let deadline {
-                let left = deadline - ContinuousClock.now
-                if left <= .zero { return nil }
-                wait = CInt(clamping: left.wholeMilliseconds + 1)
+            guard let (_, response, _) = try receive(deadline: deadline) else {
+                if deadline == nil { continue }
+                return nil
             }
-            var fds = [pollfd(fd: socket.descriptor.rawValue, events: Int16(POLLIN), revents: 0)]
-            let ready = poll(&fds, 1, wait)
-            if ready < 0 && errno == EINTR { continue }
-            if ready <= 0 { if deadline == nil { continue } else { return nil } }
-            let (_, response, _) = try receive(timeoutMilliseconds: 0)
             if response.isEvent { return response }
         }
-    }
-
-    private func buffer(_ result: (response: Response, fds: [SharedFD])) throws -> RemoteBuffer {
-        guard case .buffer(let info) = result.response, let fd = result.fds.first else {
-            throw DmaBufClientError(local: "expected a buffer reply with its fd")
-        }
-        return RemoteBuffer(info: info, buffer: DmaBuffer(shared: fd))
-    }
-
-    private func expectOK(_ result: (response: Response, fds: [SharedFD])) throws {
-        guard case .ok = result.response else { throw DmaBufClientError(local: "expected an ok reply") }
     }
 
     // MARK: - Requests
@@ -142,23 +189,59 @@ public final class DmaBufConnection {
     }
 
     /// Allocates `size` bytes from `heap` (a heap or policy name). The caller holds the returned fd.
-    public func allocate(size: Int, heap: String = "any", tag: String = "", cpuAccess: CPUAccessHint = .readWrite) throws -> RemoteBuffer {
-        try buffer(call(.allocate(AllocateRequest(size: UInt64(size), heap: heap, tag: tag, cpuAccess: cpuAccess))))
+    /// - Parameters:
+    ///   - fdFlags: the fd's `O_ACCMODE | O_CLOEXEC` bits (``FDFlags``); without `O_CLOEXEC` the received
+    ///     fd has `FD_CLOEXEC` cleared. Anything but the default needs protocol v2.
+    ///   - heapFlags: dma-heap heap flags (the kernel defines none); needs v2 unless 0.
+    public func allocate(size: Int, heap: String = "any", tag: String = "", fdFlags: UInt32 = FDFlags.default,
+                         heapFlags: UInt64 = 0) throws -> RemoteBuffer {
+        try Replies.requireV2(version, unless: fdFlags == FDFlags.default && heapFlags == 0, "fd_flags and heap_flags")
+        let result = try Replies.buffer(call(.allocate(AllocateRequest(size: UInt64(clamping: size), heap: heap, tag: tag,
+                                                              fdFlags: fdFlags, heapFlags: heapFlags))))
+        try Replies.keepOpenOnExec(result.buffer.fd, unless: fdFlags)
+        return result
+    }
+
+    /// v2: allocates `count` (1...16) buffers of `size` bytes in one round trip, all or nothing.
+    public func allocateBatch(count: Int, size: Int, heap: String = "any", tag: String = "", fdFlags: UInt32 = FDFlags.default,
+                              heapFlags: UInt64 = 0) throws -> [RemoteBuffer] {
+        let request = try Replies.batch(version, count: count, size: size, heap: heap, tag: tag, fdFlags: fdFlags, heapFlags: heapFlags)
+        return try Replies.buffers(call(.allocateBatch(request)), count: count, fdFlags: fdFlags)
+    }
+
+    /// Drops this client's hold on each buffer without waiting: v2 sends one `release_quiet` per 4 000 ids and
+    /// gets no reply (ids not held are ignored). On a v1 daemon it falls back to `release` each, ignoring refusals.
+    public func releaseQuiet(_ buffers: [BufferID]) throws {
+        guard version >= 2 else {
+            for id in buffers {
+                do { try release(id) } catch let error as DmaBufClientError where error.kind == .refused {}
+            }
+            return
+        }
+        var rest = buffers[...]
+        while !rest.isEmpty {
+            let chunk = Array(rest.prefix(WireLimits.maximumListEntries))
+            rest = rest.dropFirst(chunk.count)
+            _ = try send(.releaseQuiet(chunk), fds: []).get()
+        }
     }
 
     /// Makes a udmabuf over a daemon-made memfd of `size` bytes (huge pages when `hugePages`).
     public func createUDmabuf(size: Int, tag: String = "", hugePages: Bool = false) throws -> RemoteBuffer {
-        try buffer(call(.createUDmabuf(UDmabufRequest(size: UInt64(size), tag: tag, hugePages: hugePages))))
+        try Replies.buffer(call(.createUDmabuf(UDmabufRequest(size: UInt64(clamping: size), tag: tag, hugePages: hugePages))))
     }
 
-    /// Makes a udmabuf over ranges of the caller's memfd (which stays the caller's).
-    public func createUDmabuf(memfd: Memfd, ranges: [ByteRange], tag: String = "") throws -> RemoteBuffer {
-        try buffer(call(.createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: ranges, tag: tag)), fds: [memfd.fd.descriptor]))
+    /// Makes a udmabuf over ranges of the caller's memfd (which stays the caller's). `flags`
+    /// (``UDmabufFlags``) need protocol v2 unless 0.
+    public func createUDmabuf(memfd: Memfd, ranges: [ByteRange], tag: String = "", flags: UInt32 = 0) throws -> RemoteBuffer {
+        try Replies.requireV2(version, unless: flags == 0, "udmabuf flags")
+        return try Replies.buffer(call(.createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: ranges, tag: tag, flags: flags)),
+                               fds: [memfd.fd.descriptor]))
     }
 
     /// Hands the daemon a reference to a dma-buf made elsewhere, so it is named and accounted.
     public func importBuffer(_ buffer: DmaBuffer, tag: String = "") throws -> BufferInfo {
-        try self.buffer(call(.importBuffer(tag: tag), fds: [buffer.fd.descriptor])).info
+        try Replies.buffer(call(.importBuffer(tag: tag), fds: [buffer.fd.descriptor])).info
     }
 
     /// Lets `uid` fetch the buffer, and/or mints a one-time token. Returns the token when asked for.
@@ -172,12 +255,12 @@ public final class DmaBufConnection {
 
     /// Fetches a buffer shared with this uid, or with a one-time `token`.
     public func fetch(_ buffer: BufferID, token: UInt64 = 0) throws -> RemoteBuffer {
-        try self.buffer(call(.fetch(FetchRequest(buffer: buffer, token: token))))
+        try Replies.buffer(call(.fetch(FetchRequest(buffer: buffer, token: token))))
     }
 
     /// Drops this client's hold on a buffer. Fds already handed out keep the memory alive in the kernel.
     public func release(_ buffer: BufferID) throws {
-        try expectOK(call(.release(buffer)))
+        try Replies.expectOK(call(.release(buffer)))
     }
 
     /// This client's buffers; every buffer for root when `all`.
@@ -216,25 +299,22 @@ public final class DmaBufConnection {
 
     /// Ends a lease once `fence` (if any) signals.
     public func releaseLease(_ lease: LeaseID, fence: SyncFile? = nil) throws {
-        try expectOK(call(.releaseLease(lease), fds: fence.map { [$0.fd.descriptor] } ?? []))
+        try Replies.expectOK(call(.releaseLease(lease), fds: fence.map { [$0.fd.descriptor] } ?? []))
     }
 
     /// Attaches `fence` to pages of a buffer: others accessing overlapping pages wait for it.
     public func attachFence(_ fence: SyncFile, buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, access: AccessMode) throws {
-        try expectOK(call(.attachFence(FenceAttachRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access)),
+        try Replies.expectOK(call(.attachFence(FenceAttachRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access)),
                           fds: [fence.fd.descriptor]))
     }
 
     /// Asks to access pages; returns the merged sync_file to wait for, or nil when nothing conflicts.
     public func beginAccess(buffer: BufferID, firstPage: UInt64 = 0, pageCount: UInt64 = 0, access: AccessMode) throws -> (fences: Int, syncFile: SyncFile?) {
-        let result = try call(.beginAccess(AccessRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access)))
-        guard case .access(let reply) = result.response else { throw DmaBufClientError(local: "expected an access reply") }
-        return (Int(reply.fences), result.fds.first.map { SyncFile(shared: $0) })
+        try Replies.access(call(.beginAccess(AccessRequest(buffer: buffer, firstPage: firstPage, pageCount: pageCount, access: access))))
     }
 
     /// Revokes a buffer: holders are told, get `deadline` to release, then the buffer is freed after their fences.
     public func revoke(_ buffer: BufferID, deadline: Duration? = nil) throws {
-        let ms = deadline.map { UInt32(clamping: $0.wholeMilliseconds) } ?? 0
-        try expectOK(call(.revoke(RevokeRequest(buffer: buffer, deadlineMilliseconds: ms))))
+        try Replies.expectOK(call(Replies.revokeRequest(buffer, deadline: deadline)))
     }
 }

@@ -14,7 +14,7 @@ struct Usage {
 /// Charging is keyed by buffer id, so it is idempotent: a buffer is charged at most once and uncharged at
 /// most once, however revocation, disconnects and drain timers interleave.
 struct Accounting {
-    struct Charge { let uid: UInt32; let heap: String; let size: UInt64 }
+    struct Charge { let uid: UInt32; let heap: String; let size: UInt64; let cgroup: String }
 
     private(set) var usage: [UInt32: Usage] = [:]
     private(set) var heapUsage: [String: (bytes: UInt64, buffers: UInt32)] = [:]
@@ -22,13 +22,15 @@ struct Accounting {
     private(set) var failures: [String: UInt32] = [:]
     private(set) var failuresByUID: [UInt32: [String: UInt32]] = [:]
     private(set) var heapFailures: [String: UInt32] = [:]
+    /// Refusals by the refused client's cgroup (v2 stats).
+    private(set) var cgroupRefusals: [String: UInt32] = [:]
 
     /// Charges `size` bytes and one buffer to `uid` for buffer `id`. False (and nothing changes) when
     /// `id` is already charged.
     @discardableResult
-    mutating func charge(_ id: BufferID, uid: UInt32, heap: String, size: UInt64) -> Bool {
+    mutating func charge(_ id: BufferID, uid: UInt32, heap: String, size: UInt64, cgroup: String = "") -> Bool {
         guard charges[id] == nil else { return false }
-        charges[id] = Charge(uid: uid, heap: heap, size: size)
+        charges[id] = Charge(uid: uid, heap: heap, size: size, cgroup: cgroup)
         usage[uid, default: Usage()].bytes &+= size  // sums of admitted sizes: bounded by quotas far below 2^64
         usage[uid, default: Usage()].buffers &+= 1
         heapUsage[heap, default: (0, 0)].bytes &+= size
@@ -60,7 +62,7 @@ struct Accounting {
 
     /// Refuses a request for `count` buffers of `size` bytes each that would break a bound, before the
     /// kernel is asked. `size` is already ≤ max_buffer_size, so `size * count` (count ≤ 16) cannot overflow.
-    mutating func admit(uid: UInt32, size: UInt64, count: UInt32 = 1, sessionBuffers: Int, config: DaemonConfig,
+    mutating func admit(uid: UInt32, cgroup: String = "", size: UInt64, count: UInt32 = 1, sessionBuffers: Int, config: DaemonConfig,
                         memAvailable: UInt64?) throws {
         let total = size * UInt64(count)
         let quota = config.quota(for: uid)
@@ -69,6 +71,7 @@ struct Accounting {
         let overCount = UInt64(used.buffers) + UInt64(count) > UInt64(quota.buffers)
         if overBytes || overCount {
             usage[uid, default: Usage()].refusals &+= 1
+            cgroupRefusals[cgroup, default: 0] &+= 1
             let what = overBytes
                 ? "\(ByteCount(Int(clamping: used.bytes))) held + \(ByteCount(Int(clamping: total))) asked > \(ByteCount(Int(clamping: quota.bytes)))"
                 : "\(used.buffers) buffers held, limit \(quota.buffers)"
@@ -112,6 +115,16 @@ struct Accounting {
     func failureStats(only uid: UInt32?) -> [ErrnoCount] {
         let table = uid.map { failuresByUID[$0] ?? [:] } ?? failures
         return table.keys.sorted().map { ErrnoCount(errno: $0, count: table[$0]!) }
+    }
+
+    /// Usage per cgroup (v2 stats), optionally only of `uid`'s charges.
+    func cgroupStats(only uid: UInt32?) -> [(cgroup: String, bytes: UInt64, buffers: UInt32, refusals: UInt32)] {
+        var totals: [String: (bytes: UInt64, buffers: UInt32)] = [:]
+        for charge in charges.values where uid == nil || charge.uid == uid {
+            totals[charge.cgroup, default: (0, 0)].bytes &+= charge.size
+            totals[charge.cgroup, default: (0, 0)].buffers &+= 1
+        }
+        return totals.keys.sorted().map { ($0, totals[$0]!.bytes, totals[$0]!.buffers, uid == nil ? cgroupRefusals[$0] ?? 0 : 0) }
     }
 
     /// Bytes and buffers charged to `uid` (or everyone).

@@ -3,9 +3,6 @@ import DmaBufWire
 import SystemPackage
 import Logging
 
-/// The fd flags `allocate` uses when the client names none (v1): read-write, close-on-exec.
-let defaultFDFlags = UInt32(O_RDWR | O_CLOEXEC)
-
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -16,20 +13,53 @@ extension Broker {
     func allocate(_ session: ClientSession, _ a: AllocateRequest) throws -> (Response, [SharedFD]) {
         try Validate.tag(a.tag)
         try Validate.size(a.size, config: config)
+        try Validate.allocationFlags(fdFlags: a.fdFlags, heapFlags: a.heapFlags)
         try admit(session, size: a.size)
-        var chain = resolver.chain(for: a.heap)
+        let record = try allocateOne(session, size: a.size, heap: a.heap, tag: a.tag, fdFlags: a.fdFlags)
+        return (.buffer(info(record, for: session)), [record.fd])
+    }
+
+    /// v2 `allocate_batch`: all or nothing. Admission covers count × size; on a failure part-way, what was
+    /// made is freed (and uncharged) before the error is returned.
+    func allocateBatch(_ session: ClientSession, _ b: AllocateBatchRequest) throws -> (Response, [SharedFD]) {
+        try Validate.tag(b.tag)
+        try Validate.size(b.size, config: config)
+        try Validate.allocationFlags(fdFlags: b.fdFlags, heapFlags: b.heapFlags)
+        guard (1...UInt16(WireLimits.maximumBatchCount)).contains(b.count) else {
+            throw Refusal(.invalidArgument, .invalidArgument, "count \(b.count) is outside 1...\(WireLimits.maximumBatchCount)")
+        }
+        try admit(session, size: b.size, count: UInt32(b.count))
+        var made: [BufferRecord] = []
+        do {
+            for _ in 0..<b.count { made.append(try allocateOne(session, size: b.size, heap: b.heap, tag: b.tag, fdFlags: b.fdFlags)) }
+        } catch {
+            for record in made { discard(record, from: session) }
+            throw error
+        }
+        return (.buffers(made.map { info($0, for: session) }), made.map(\.fd))
+    }
+
+    /// Undoes a buffer that was never handed out: out of the tables, the books and the fd store.
+    private func discard(_ record: BufferRecord, from session: ClientSession) {
+        session.owned.remove(record.id)
+        buffers[record.id] = nil
+        books.uncharge(record.id)
+        if record.stored { fdStore.remove(record.id) }
+    }
+
+    private func allocateOne(_ session: ClientSession, size: UInt64, heap: String, tag: String, fdFlags: UInt32) throws -> BufferRecord {
+        var chain = resolver.chain(for: heap)
         if chain.isEmpty {
             rescanHeaps()
-            chain = resolver.chain(for: a.heap)
+            chain = resolver.chain(for: heap)
         }
         guard !chain.isEmpty else {
-            throw Refusal(.noSuchFileOrDirectory, .noHeap, "no heap or policy named '\(a.heap)' is available", fix: "available: \(availableNames())")
+            throw Refusal(.noSuchFileOrDirectory, .noHeap, "no heap or policy named '\(heap)' is available", fix: "available: \(availableNames())")
         }
         var lastError: Error?
         for (logical, target) in chain {
             do {
-                let record = try make(target, logical: logical, size: a.size, session: session, tag: a.tag)
-                return (.buffer(info(record)), [record.fd])
+                return try make(target, logical: logical, size: size, session: session, tag: tag, fdFlags: fdFlags)
             } catch let error as DmaBufError {
                 books.countHeapFailure(logical)
                 logger.notice("allocation failed; trying the next heap", metadata: ["heap": "\(logical)", "error": "\(error)"])
@@ -39,10 +69,12 @@ extension Broker {
         throw lastError!
     }
 
-    private func make(_ target: HeapResolver.Target, logical: String, size: UInt64, session: ClientSession, tag: String) throws -> BufferRecord {
+    /// udmabufs ignore the access mode of `fd_flags`: the kernel makes them O_RDWR.
+    private func make(_ target: HeapResolver.Target, logical: String, size: UInt64, session: ClientSession, tag: String,
+                      fdFlags: UInt32) throws -> BufferRecord {
         switch target {
         case .heap(let name):
-            let fd = try kernel.allocate(heap: name, size: size, fdFlags: defaultFDFlags, heapFlags: 0)
+            let fd = try kernel.allocate(heap: name, size: size, fdFlags: fdFlags, heapFlags: 0)
             return try register(fd, session: session, heap: logical, tag: tag)
         case .udmabuf:
             let made = try kernel.createUDmabuf(size: size, hugePages: false)
@@ -61,11 +93,14 @@ extension Broker {
         let made = try kernel.createUDmabuf(size: u.size, hugePages: u.hugePages)
         let record = try register(made.buffer, session: session, heap: "udmabuf", tag: u.tag, memfd: made.memfd, ownedMemfd: true,
                                   runs: PageRuns(memfdRanges: [(0, made.size)]))
-        return (.buffer(info(record)), [record.fd])
+        return (.buffer(info(record, for: session)), [record.fd])
     }
 
     func createUDmabuf(_ session: ClientSession, _ u: UDmabufFromMemfdRequest, memfd: SharedFD) throws -> (Response, [SharedFD]) {
         try Validate.tag(u.tag)
+        guard u.flags & ~UDmabufFlags.valid == 0 else {
+            throw Refusal(.invalidArgument, .invalidArgument, "udmabuf flags 0x\(String(u.flags, radix: 16)) are not supported", fix: "use UDMABUF_FLAGS_CLOEXEC (0x01) or 0")
+        }
         let total = try Validate.memfdRanges(u.ranges, config: config, limits: kernel.udmabufLimits())
         guard kernel.kind(of: memfd) == .memfd else {
             throw Refusal(.invalidArgument, .invalidArgument, "the fd is not a memfd", fix: "send a memfd_create() descriptor with F_SEAL_SHRINK")
@@ -75,7 +110,7 @@ extension Broker {
         let fd = try kernel.createUDmabuf(memfd: memfd, ranges: pairs)
         let record = try register(fd, session: session, heap: "udmabuf", tag: u.tag, memfd: memfd, ownedMemfd: false,
                                   runs: PageRuns(memfdRanges: pairs))
-        return (.buffer(info(record)), [record.fd])
+        return (.buffer(info(record, for: session)), [record.fd])
     }
 
     func importBuffer(_ session: ClientSession, tag: String, fd: SharedFD) throws -> (Response, [SharedFD]) {
@@ -89,7 +124,15 @@ extension Broker {
         try admit(session, size: facts.size)
         let record = try register(fd, session: session, heap: "import", tag: tag, rename: false, facts: facts)
         // Every buffer reply carries the buffer, so a client can drop its own fd and keep the daemon's.
-        return (.buffer(info(record)), [record.fd])
+        return (.buffer(info(record, for: session)), [record.fd])
+    }
+
+    /// v2 `release_quiet`: `release` for each id, with no reply. Ids this connection does not hold are
+    /// ignored and counted as ENOENT failures.
+    func releaseQuiet(_ session: ClientSession, _ ids: [BufferID]) {
+        for id in ids {
+            do { try release(session, id) } catch { books.countFailure(.noSuchFileOrDirectory, uid: session.uid) }
+        }
     }
 
     func release(_ session: ClientSession, _ id: BufferID) throws {
@@ -104,7 +147,7 @@ extension Broker {
 
     /// Refuses requests that are over quota or would exhaust memory, before touching the kernel.
     func admit(_ session: ClientSession, size: UInt64, count: UInt32 = 1) throws {
-        try books.admit(uid: session.uid, size: size, count: count, sessionBuffers: session.owned.count, config: config,
+        try books.admit(uid: session.uid, cgroup: session.cgroup, size: size, count: count, sessionBuffers: session.owned.count, config: config,
                         memAvailable: kernel.memAvailable())
         guard fdStore.count + Int(count) <= Int(config.fdStoreMax) || !fdStore.enabled else {
             throw Refusal(.tooManyOpenFiles, .limit, "the fd store holds \(fdStore.count) buffers, fd_store_max \(config.fdStoreMax)",
@@ -128,7 +171,7 @@ extension Broker {
         record.memfdRuns = runs
         buffers[record.id] = record
         session.owned.insert(record.id)
-        books.charge(record.id, uid: record.ownerUID, heap: heap, size: record.size)
+        books.charge(record.id, uid: record.ownerUID, heap: heap, size: record.size, cgroup: record.ownerCgroup)
         record.stored = fdStore.store(record)
         logger.debug("buffer", metadata: ["id": "\(record.id)", "heap": "\(heap)", "size": "\(record.size)"])
         return record

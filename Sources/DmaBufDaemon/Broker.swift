@@ -47,6 +47,8 @@ public final class Broker: @unchecked Sendable {
     var nextLeaseID: LeaseID = 1
     var nextFenceKey: UInt64 = 1
     var drainTimer: UInt64?
+    /// How often buffers still referenced outside the daemon are re-checked (fdinfo `count`).
+    var drainInterval: Duration = .milliseconds(200)
     var shuttingDown = false
     /// Called on the loop thread once shutdown has finished.
     var onStopped: () -> Void = {}
@@ -162,11 +164,14 @@ public final class Broker: @unchecked Sendable {
 
     /// Serves one decoded request. Throws ``WireError`` for refusals and ``DmaBufError`` for kernel errors;
     /// both become error replies.
-    func handle(_ session: ClientSession, _ request: Request, fds: [SharedFD]) throws -> (Response, [SharedFD]) {
+    /// A nil response means no reply at all (`release_quiet`).
+    func handle(_ session: ClientSession, _ request: Request, fds: [SharedFD]) throws -> (Response?, [SharedFD]) {
         switch request {
         case .hello(let h): return (.hello(try negotiate(session, h)), [])
         case .listHeaps: return (.heaps(listHeaps()), [])
         case .allocate(let a): return try allocate(session, a)
+        case .allocateBatch(let b): return try allocateBatch(session, b)
+        case .releaseQuiet(let ids): releaseQuiet(session, ids); return (nil, [])
         case .createUDmabuf(let u): return try createUDmabuf(session, u)
         case .createUDmabufFromMemfd(let u): return try createUDmabuf(session, u, memfd: fds[0])
         case .importBuffer(let tag): return try importBuffer(session, tag: tag, fd: fds[0])

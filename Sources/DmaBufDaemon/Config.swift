@@ -162,21 +162,29 @@ public struct DaemonConfig: Sendable, Equatable {
             fdStore = b
         case "state_directory" where parts.count == 1:
             stateDirectory = value
-        case "hello_timeout" where parts.count == 1:
-            guard let d = parseDuration(value), d > .zero else { throw ConfigValueError(text: "'\(value)' is not a positive duration (like 500ms, 5s)") }
-            helloTimeout = d
-        case "max_outbox_bytes" where parts.count == 1:
-            let bytes = try size()
-            guard bytes > 0, bytes <= UInt64(UInt32.max) else { throw ConfigValueError(text: "'\(value)' must be between 1 and 4G") }
-            maxOutboxBytes = UInt32(bytes)
-        case let name? where parts.count == 1 && Self.boundKeys[name] != nil:
-            let n = try count()
-            guard n > 0 else { throw ConfigValueError(text: "'\(value)' must be positive") }
-            self[keyPath: Self.boundKeys[name]!] = n
         case "log_level" where parts.count == 1:
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
             guard levels.contains(value) else { throw ConfigValueError(text: "'\(value)' is not one of \(levels.joined(separator: ", "))") }
             logLevel = value
+        default:
+            try applyBound(key: key, value: value, size: size, count: count)
+        }
+    }
+
+    /// The bounds on what clients can make the daemon hold.
+    private mutating func applyBound(key: String, value: String, size: () throws -> UInt64, count: () throws -> UInt32) throws {
+        switch key {
+        case "hello_timeout":
+            guard let d = parseDuration(value), d > .zero else { throw ConfigValueError(text: "'\(value)' is not a positive duration (like 500ms, 5s)") }
+            helloTimeout = d
+        case "max_outbox_bytes":
+            let bytes = try size()
+            guard bytes > 0, bytes <= UInt64(UInt32.max) else { throw ConfigValueError(text: "'\(value)' must be between 1 and 4G") }
+            maxOutboxBytes = UInt32(bytes)
+        case let name where Self.boundKeys[name] != nil:
+            let n = try count()
+            guard n > 0 else { throw ConfigValueError(text: "'\(value)' must be positive") }
+            self[keyPath: Self.boundKeys[name]!] = n
         default:
             throw ConfigValueError(text: "unknown key")
         }

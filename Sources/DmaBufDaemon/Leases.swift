@@ -79,10 +79,10 @@ extension Broker {
         try checkFence(fd, session: session)
         if range.lowerBound == 0 && range.upperBound == record.pages {
             // Whole-buffer fences also go into the dma-buf's reservation, so kernel drivers wait too.
-            try kernel.importFence(fd, into: record.fd, write: f.access == .write)
+            try kernel.importFence(fd, into: record.fd, write: f.access.writes)
         }
         let key = nextFenceKey
-        guard let interval = record.fences.insert(range, access: f.access == .write ? .write : .read, value: key) else {
+        guard let interval = record.fences.insert(range, access: f.access.writes ? .write : .read, value: key) else {
             throw Refusal(.invalidArgument, .invalidArgument, "empty page range")
         }
         _ = try watch(fd, buffer: record.id, session: session, lease: nil, interval: interval)
@@ -103,7 +103,7 @@ extension Broker {
         let record = try visible(a.buffer, to: session)
         try notRevoked(record)
         let range = try Validate.pages(a.firstPage, a.pageCount, of: record.pages, buffer: record.id)
-        let conflicts = record.fences.conflicts(with: range, access: a.access == .write ? .write : .read)
+        let conflicts = record.fences.conflicts(with: range, access: a.access.writes ? .write : .read)
         let files = conflicts.compactMap { fences[$0.value]?.syncFile }
         guard let merged = try kernel.mergeFences(files) else {
             return (.access(AccessReply(fences: 0)), [])

@@ -42,7 +42,7 @@ extension Broker {
 
     private func scheduleDrain() {
         guard drainTimer == nil else { return }
-        drainTimer = loop.schedule(after: .milliseconds(200)) { [unowned self] in
+        drainTimer = loop.schedule(after: drainInterval) { [unowned self] in
             self.drainTimer = nil
             for record in self.buffers.values where record.draining { self.maybeFree(record) }
         }
@@ -147,7 +147,7 @@ extension Broker {
             record.stored = true
             fdStore.adopted()
             buffers[id] = record
-            books.charge(id, uid: meta.uid, heap: meta.heap, size: facts.size)
+            books.charge(id, uid: meta.uid, heap: meta.heap, size: facts.size, cgroup: meta.cgroup)
             nextBufferID = max(nextBufferID, id + 1)
         }
         logger.info("restored buffers from the systemd fd store", metadata: ["count": "\(buffers.count)"])

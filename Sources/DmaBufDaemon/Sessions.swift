@@ -127,7 +127,7 @@ extension Broker {
         }
         do {
             let (response, replyFDs) = try handle(session, request, fds: fds)
-            send(session, response, requestID: header.requestID, fds: replyFDs)
+            if let response { send(session, response, requestID: header.requestID, fds: replyFDs) }
         } catch let error as WireError {
             reply(session, header.requestID, error: error)
             if error.code == .unsupportedVersion { disconnect(session, reason: "no common protocol version") }
@@ -154,7 +154,7 @@ extension Broker {
                 throw WireDecodingError.wrongDescriptorCount(type: "message", expected: 0...WireLimits.maximumDescriptors,
                                                              actual: fds.count + message.surplusFDs)
             }
-            return try WireMessage.decodeRequest(message.bytes, descriptors: fds.count)
+            return try WireMessage.decodeRequest(message.bytes, descriptors: fds.count, version: session.version)
         } catch let error as WireDecodingError {
             let requestID = message.bytes.count >= 12 ? message.bytes[8..<12].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) } : 0
             let errno: Errno
@@ -183,7 +183,7 @@ extension Broker {
     /// dropped, from a timer, never from inside `send`.
     func send(_ session: ClientSession, _ response: Response, requestID: UInt32, fds: [SharedFD] = []) {
         guard sessions[session.socket.descriptor.rawValue] === session else { return }
-        let bytes = WireMessage.encode(response, requestID: requestID, descriptors: fds.count)
+        let bytes = WireMessage.encode(response, requestID: requestID, descriptors: fds.count, version: session.version ?? WireLimits.baseVersion)
         if session.outbox.isEmpty, trySend(session, bytes, fds) { return }
         session.outbox.append((bytes, fds))
         session.outboxBytes += bytes.count

@@ -60,7 +60,7 @@ extension Broker {
         } else {
             session.fetched.insert(record.id)
         }
-        return (.buffer(info(record)), [record.fd])
+        return (.buffer(info(record, for: session)), [record.fd])
     }
 
     func revoke(_ session: ClientSession, _ r: RevokeRequest) throws {

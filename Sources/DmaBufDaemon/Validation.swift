@@ -8,9 +8,7 @@ typealias Refusal = WireError
 
 extension WireError {
     init(_ errno: Errno, _ code: Code, _ cause: String, fix: String? = nil) {
-        var text = "\(cause) (\(errno.name))"
-        if let fix { text += "; \(fix)" }
-        self.init(errno: errno.rawValue, code: code, message: text)
+        self = .refusal(errno.rawValue, code: code, cause: cause, fix: fix)
     }
 }
 
@@ -70,6 +68,26 @@ enum Validate {
             throw Refusal(.fileTooLarge, .limit, "\(ByteCount(Int(clamping: total))) exceeds udmabuf size_limit_mb \(limits.sizeLimitMB)", fix: "ask for less")
         }
         return total
+    }
+
+    /// v2 `fd_flags` (the kernel's DMA_HEAP_VALID_FD_FLAGS) and `heap_flags` (none are valid).
+    static func allocationFlags(fdFlags: UInt32, heapFlags: UInt64) throws {
+        guard fdFlags & ~FDFlags.valid == 0 else {
+            throw Refusal(.invalidArgument, .invalidArgument, "fd_flags 0x\(String(fdFlags, radix: 16)) has bits outside O_ACCMODE | O_CLOEXEC",
+                          fix: "use O_RDONLY, O_WRONLY or O_RDWR, optionally with O_CLOEXEC")
+        }
+        guard heapFlags == 0 else {
+            throw Refusal(.invalidArgument, .invalidArgument, "heap_flags 0x\(String(heapFlags, radix: 16)) are not supported", fix: "the kernel defines no heap flags: pass 0")
+        }
+    }
+
+    /// An owner's cgroup path as v2 `buffer_info` carries it: at most 255 bytes, shortened from the left.
+    static func cgroupField(_ path: String) -> String {
+        let bytes = Array(path.utf8)
+        guard bytes.count > 255 else { return path }
+        var tail = bytes.suffix(252)
+        while let first = tail.first, first & 0xC0 == 0x80 { tail = tail.dropFirst() }  // not inside a character
+        return "..." + String(decoding: tail, as: UTF8.self)
     }
 
     /// Pages `[first, first + count)` of a buffer of `pages` pages (`count` 0: to the end), without overflow.

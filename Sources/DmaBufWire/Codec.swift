@@ -1,3 +1,5 @@
+import DmaBufTypes
+
 /// Reading and writing the primitive types of the wire format: little-endian integers, length-prefixed
 /// UTF-8 strings and counted arrays. The reader never trusts a length or a count: each is checked against
 /// the bytes that remain and against the protocol's limits before anything is allocated.
@@ -18,6 +20,8 @@ public enum WireDecodingError: Error, Sendable, Equatable, CustomStringConvertib
     case badMagic(UInt32)
     /// The header names a protocol version this side does not speak.
     case unsupportedVersion(UInt16)
+    /// After negotiation, the header's version differs from the negotiated one.
+    case versionMismatch(negotiated: UInt16, header: UInt16)
     /// The header's type is unknown.
     case unknownType(UInt16)
     /// The header's payload length disagrees with the bytes received.
@@ -36,6 +40,7 @@ public enum WireDecodingError: Error, Sendable, Equatable, CustomStringConvertib
         case .invalidValue(let field, let value): "field '\(field)' has invalid value \(value)"
         case .badMagic(let magic): "bad magic 0x\(String(magic, radix: 16)): not a dmabufd message"
         case .unsupportedVersion(let v): "protocol version \(v) is not supported (this side speaks \(WireLimits.supportedVersions))"
+        case .versionMismatch(let negotiated, let header): "header version \(header) differs from the negotiated version \(negotiated)"
         case .unknownType(let t): "unknown message type 0x\(String(t, radix: 16))"
         case .lengthMismatch(let declared, let actual): "header declares \(declared) payload bytes but \(actual) arrived"
         case .wrongDescriptorCount(let type, let expected, let actual):
@@ -153,6 +158,13 @@ public struct WireReader {
         let raw = try u8(field)
         guard let value = T(rawValue: raw) else { throw .invalidValue(field: field, value: UInt64(raw)) }
         return value
+    }
+
+    /// A fence's or an access's mode: read (1) or write (2). A read-write access travels as a write.
+    public mutating func fenceAccess() throws(WireDecodingError) -> AccessMode {
+        let raw = try u8("access")
+        guard raw == 1 || raw == 2, let mode = AccessMode(rawValue: raw) else { throw .invalidValue(field: "access", value: UInt64(raw)) }
+        return mode
     }
 
     /// Fails when bytes remain: a message must be exactly as long as its fields.

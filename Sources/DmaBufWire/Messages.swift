@@ -1,13 +1,15 @@
-import DmaBuf
+import DmaBufTypes
 
 /// The protocol's fixed numbers. `docs/PROTOCOL.md` is the contract; these must match it.
 public enum WireLimits {
     /// "DMBF" read as a little-endian u32.
     public static let magic: UInt32 = 0x4642_4D44
     /// The version this build speaks best.
-    public static let currentVersion: UInt16 = 1
+    public static let currentVersion: UInt16 = 2
     /// Every version this build speaks.
-    public static let supportedVersions: ClosedRange<UInt16> = 1...1
+    public static let supportedVersions: ClosedRange<UInt16> = 1...2
+    /// The version hello and its reply always carry in the header, and every message before negotiation.
+    public static let baseVersion: UInt16 = 1
     /// Header bytes before the payload.
     public static let headerSize = 20
     /// The largest message, header included. Larger ones are refused and the peer disconnected.
@@ -18,6 +20,31 @@ public enum WireLimits {
     public static let maximumStringLength = 255
     /// The most entries in any list field (runs, buffers, heaps, ranges).
     public static let maximumListEntries = 4_000
+    /// v2 `allocate_batch`: the most buffers one request may ask for (each comes back as one fd).
+    public static let maximumBatchCount = 16
+}
+
+/// The `fd_flags` of v2 `allocate`/`allocate_batch`: the kernel's DMA_HEAP_VALID_FD_FLAGS.
+public enum FDFlags {
+    public static let readOnly: UInt32 = 0
+    public static let writeOnly: UInt32 = 1
+    public static let readWrite: UInt32 = 2
+    /// O_ACCMODE.
+    public static let accessModeMask: UInt32 = 3
+    /// O_CLOEXEC.
+    public static let closeOnExec: UInt32 = 0o2_000_000
+    /// Every bit a client may set; any other is refused with EINVAL.
+    public static let valid: UInt32 = accessModeMask | closeOnExec
+    /// What v1 allocations use, and the default: read-write, close-on-exec.
+    public static let `default`: UInt32 = readWrite | closeOnExec
+}
+
+/// The `flags` of v2 `create_udmabuf_from_memfd`: the kernel's udmabuf flags.
+public enum UDmabufFlags {
+    /// UDMABUF_FLAGS_CLOEXEC.
+    public static let closeOnExec: UInt32 = 0x01
+    /// Every bit a client may set; any other is refused with EINVAL.
+    public static let valid: UInt32 = closeOnExec
 }
 
 /// The `type` field of a message header.
@@ -40,6 +67,10 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     case beginAccess = 0x000F
     case revoke = 0x0010
     case info = 0x0011
+    /// v2 only.
+    case allocateBatch = 0x0012
+    /// v2 only. Never answered.
+    case releaseQuiet = 0x0013
 
     // Replies (daemon → client): the request's type with the high bit set.
     case helloReply = 0x8001
@@ -51,6 +82,8 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     case statsReply = 0x800B
     case layoutReply = 0x800C
     case accessReply = 0x800F
+    /// v2 only: the reply to `allocate_batch`.
+    case buffersReply = 0x8012
     case errorReply = 0xFFFF
 
     // Events (daemon → client, request id 0).
@@ -62,11 +95,6 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
 
 public typealias BufferID = UInt64
 public typealias LeaseID = UInt64
-
-/// How the client means to touch a buffer's memory from the CPU; the daemon maps it writable or not.
-public enum CPUAccessHint: UInt8, Sendable, Codable, CaseIterable {
-    case none = 0, read = 1, write = 2, readWrite = 3
-}
 
 /// A byte range of a memfd.
 public struct ByteRange: Sendable, Hashable, Codable {
@@ -83,11 +111,6 @@ public enum RunKind: UInt8, Sendable, Codable, CaseIterable {
     case memfdPages = 1
     /// Physical page frame numbers (PFNs). Only for peers the config authorises.
     case physical = 2
-}
-
-/// Read or write access to a page range, for fences and access requests.
-public enum AccessMode: UInt8, Sendable, Codable, CaseIterable {
-    case read = 1, write = 2
 }
 
 // MARK: - Payloads
@@ -131,8 +154,16 @@ public struct HeapInfo: Sendable, Equatable, Codable {
     public var allocatedBytes: UInt64
     /// Buffers currently allocated from it through dmabufd.
     public var buffers: UInt32
-    public init(name: String, device: String, kind: String, allocatedBytes: UInt64 = 0, buffers: UInt32 = 0) {
+    /// v2: the heap's size in bytes; 0 = unknown (CMA heaps report CmaTotal or their region's size).
+    public var totalBytes: UInt64
+    /// v2: the heap's free bytes; 0 = unknown (CMA heaps report CmaFree or their region's free pages).
+    public var freeBytes: UInt64
+    /// v2: this kernel charges this heap's allocations to the allocating memory cgroup.
+    public var chargesMemcg: Bool
+    public init(name: String, device: String, kind: String, allocatedBytes: UInt64 = 0, buffers: UInt32 = 0,
+                totalBytes: UInt64 = 0, freeBytes: UInt64 = 0, chargesMemcg: Bool = false) {
         self.name = name; self.device = device; self.kind = kind; self.allocatedBytes = allocatedBytes; self.buffers = buffers
+        self.totalBytes = totalBytes; self.freeBytes = freeBytes; self.chargesMemcg = chargesMemcg
     }
 }
 
@@ -145,7 +176,11 @@ public struct PolicyInfo: Sendable, Equatable, Codable {
 public struct HeapsReply: Sendable, Equatable, Codable {
     public var heaps: [HeapInfo]
     public var policies: [PolicyInfo]
-    public init(heaps: [HeapInfo], policies: [PolicyInfo]) { self.heaps = heaps; self.policies = policies }
+    /// v2: `/sys/module/dma_heap/parameters/mem_accounting` reads Y.
+    public var memAccounting: Bool
+    public init(heaps: [HeapInfo], policies: [PolicyInfo], memAccounting: Bool = false) {
+        self.heaps = heaps; self.policies = policies; self.memAccounting = memAccounting
+    }
 }
 
 public struct AllocateRequest: Sendable, Equatable {
@@ -153,9 +188,31 @@ public struct AllocateRequest: Sendable, Equatable {
     /// A heap's logical name or a policy name (`any`).
     public var heap: String
     public var tag: String
-    public var cpuAccess: CPUAccessHint
-    public init(size: UInt64, heap: String, tag: String, cpuAccess: CPUAccessHint = .readWrite) {
+    /// v1 only: `cpu_access` (0 none, 1 read, 2 write, 3 read-write), checked by the decoder and ignored by
+    /// the daemon: access is the fd's mode (`fdFlags`). Not sent in v2.
+    public var cpuAccess: UInt8
+    /// v2: the new fd's flags, a subset of ``FDFlags/valid``; v1 allocations get ``FDFlags/default``.
+    public var fdFlags: UInt32
+    /// v2: dma-heap heap flags; the kernel defines none, so anything but 0 is refused.
+    public var heapFlags: UInt64
+    public init(size: UInt64, heap: String, tag: String, cpuAccess: UInt8 = 3,
+                fdFlags: UInt32 = FDFlags.default, heapFlags: UInt64 = 0) {
         self.size = size; self.heap = heap; self.tag = tag; self.cpuAccess = cpuAccess
+        self.fdFlags = fdFlags; self.heapFlags = heapFlags
+    }
+}
+
+/// v2 `allocate_batch`: `count` buffers of `size` bytes each, all or nothing.
+public struct AllocateBatchRequest: Sendable, Equatable {
+    /// 1...``WireLimits/maximumBatchCount``; the decoder refuses anything else as malformed.
+    public var count: UInt16
+    public var size: UInt64
+    public var heap: String
+    public var tag: String
+    public var fdFlags: UInt32
+    public var heapFlags: UInt64
+    public init(count: UInt16, size: UInt64, heap: String, tag: String, fdFlags: UInt32 = FDFlags.default, heapFlags: UInt64 = 0) {
+        self.count = count; self.size = size; self.heap = heap; self.tag = tag; self.fdFlags = fdFlags; self.heapFlags = heapFlags
     }
 }
 
@@ -170,7 +227,9 @@ public struct UDmabufRequest: Sendable, Equatable {
 public struct UDmabufFromMemfdRequest: Sendable, Equatable {
     public var ranges: [ByteRange]
     public var tag: String
-    public init(ranges: [ByteRange], tag: String) { self.ranges = ranges; self.tag = tag }
+    /// v2: udmabuf flags, a subset of ``UDmabufFlags/valid``; 0 in v1.
+    public var flags: UInt32
+    public init(ranges: [ByteRange], tag: String, flags: UInt32 = 0) { self.ranges = ranges; self.tag = tag; self.flags = flags }
 }
 
 public struct ShareRequest: Sendable, Equatable {
@@ -216,13 +275,18 @@ public struct BufferInfo: Sendable, Equatable, Codable {
     public var revoked: Bool
     /// True once the owner disconnected: kept only for leases, fences or references.
     public var orphaned: Bool
+    /// v2: the owner's cgroup v2 path as read at connect; over 255 bytes it is shortened from the left and
+    /// starts with "...". Empty in v1 and when unknown.
+    public var cgroup: String
+    /// v2: the memfd behind this udmabuf never left dmabufd (false for heap buffers and client memfds).
+    public var memfdOwnedByDaemon: Bool
     public init(id: BufferID, inode: UInt64, size: UInt64, heap: String, tag: String, name: String, ownerUID: UInt32,
                 ownerPID: Int32, generation: UInt32, externalReferences: UInt32, leases: UInt32, sharedWith: [UInt32],
-                revoked: Bool, orphaned: Bool) {
+                revoked: Bool, orphaned: Bool, cgroup: String = "", memfdOwnedByDaemon: Bool = false) {
         self.id = id; self.inode = inode; self.size = size; self.heap = heap; self.tag = tag; self.name = name
         self.ownerUID = ownerUID; self.ownerPID = ownerPID; self.generation = generation
         self.externalReferences = externalReferences; self.leases = leases; self.sharedWith = sharedWith
-        self.revoked = revoked; self.orphaned = orphaned
+        self.revoked = revoked; self.orphaned = orphaned; self.cgroup = cgroup; self.memfdOwnedByDaemon = memfdOwnedByDaemon
     }
 }
 
@@ -249,6 +313,19 @@ public struct ClientStats: Sendable, Equatable, Codable {
     }
 }
 
+/// v2: usage per owner cgroup (the cgroup v2 path read at connect).
+public struct CgroupStats: Sendable, Equatable, Codable {
+    public var cgroup: String
+    public var bytes: UInt64
+    public var buffers: UInt32
+    /// 0 = no quota.
+    public var quotaBytes: UInt64
+    public var refusals: UInt32
+    public init(cgroup: String, bytes: UInt64, buffers: UInt32, quotaBytes: UInt64 = 0, refusals: UInt32 = 0) {
+        self.cgroup = cgroup; self.bytes = bytes; self.buffers = buffers; self.quotaBytes = quotaBytes; self.refusals = refusals
+    }
+}
+
 public struct ErrnoCount: Sendable, Equatable, Codable {
     public var errno: String
     public var count: UInt32
@@ -266,11 +343,14 @@ public struct Stats: Sendable, Equatable, Codable {
     public var pendingFences: UInt32
     /// Milliseconds the oldest unsignalled fence has waited; 0 when none.
     public var oldestPendingFenceMilliseconds: UInt64
+    /// v2: usage per owner cgroup (for a non-root caller, only its own uid's buffers). Empty in v1.
+    public var cgroups: [CgroupStats]
     public init(heaps: [HeapStats], clients: [ClientStats], failures: [ErrnoCount], connectedClients: UInt32,
-                buffers: UInt32, bytes: UInt64, leases: UInt32, pendingFences: UInt32, oldestPendingFenceMilliseconds: UInt64) {
+                buffers: UInt32, bytes: UInt64, leases: UInt32, pendingFences: UInt32, oldestPendingFenceMilliseconds: UInt64,
+                cgroups: [CgroupStats] = []) {
         self.heaps = heaps; self.clients = clients; self.failures = failures; self.connectedClients = connectedClients
         self.buffers = buffers; self.bytes = bytes; self.leases = leases; self.pendingFences = pendingFences
-        self.oldestPendingFenceMilliseconds = oldestPendingFenceMilliseconds
+        self.oldestPendingFenceMilliseconds = oldestPendingFenceMilliseconds; self.cgroups = cgroups
     }
 }
 
@@ -337,6 +417,23 @@ public struct WireError: Error, Sendable, Equatable, Codable, CustomStringConver
     public var message: String
     public init(errno: Int32, code: Code, message: String) { self.errno = errno; self.code = code; self.message = message }
     public var description: String { message }
+
+    /// The one way to word a refusal: `cause (ENAME); fix`, with the errno's C name rendered here so no
+    /// caller spells it by hand (and none can get it wrong).
+    public static func refusal(_ errno: Int32, code: Code, cause: String, fix: String? = nil) -> WireError {
+        var message = "\(cause) (\(ErrnoNames.name(errno)))"
+        if let fix, !fix.isEmpty { message += "; \(fix)" }
+        return WireError(errno: errno, code: code, message: message)
+    }
+
+    /// ``refusal(_:code:cause:fix:)`` for any errno type (SystemPackage's `Errno`, say).
+    public static func refusal<E: RawRepresentable>(_ errno: E, code: Code, cause: String, fix: String? = nil) -> WireError
+        where E.RawValue == Int32 {
+        refusal(errno.rawValue, code: code, cause: cause, fix: fix)
+    }
+
+    /// The errno's C name (`EDQUOT`).
+    public var errnoName: String { ErrnoNames.name(errno) }
 }
 
 // MARK: - Messages
@@ -365,6 +462,11 @@ public enum Request: Sendable, Equatable {
     case beginAccess(AccessRequest)
     case revoke(RevokeRequest)
     case info(BufferID)
+    /// v2: `count` buffers in one request; answered by ``Response/buffers(_:)`` with one fd per buffer.
+    case allocateBatch(AllocateBatchRequest)
+    /// v2: releases each buffer like ``release(_:)``, with no reply at all (not even an error).
+    /// 1...``WireLimits/maximumListEntries`` ids.
+    case releaseQuiet([BufferID])
 }
 
 /// Everything the daemon can answer with, or tell unprompted.
@@ -381,6 +483,8 @@ public enum Response: Sendable, Equatable {
     case layout(Layout)
     /// Carries one fd (the merged sync_file) when `fences > 0`.
     case access(AccessReply)
+    /// v2: the reply to `allocate_batch`; carries one fd per buffer, fd i being buffer i.
+    case buffers([BufferInfo])
     case error(WireError)
     case leaseRevoked(lease: LeaseID, buffer: BufferID, deadlineMilliseconds: UInt32)
     case leaseEnded(lease: LeaseID, buffer: BufferID)

@@ -13,7 +13,7 @@ import Glibc
 /// Whole commands against a fake daemon: what they ask, what they print, and the exit status.
 @Suite("Commands against a daemon", .serialized)
 struct DaemonCommandTests {
-    static let notFound = WireError(errno: ENOENT, code: .notFound, message: "no buffer 99; it was released or never existed")
+    static let notFound = WireError.refusal(ENOENT, code: .notFound, cause: "no buffer 99", fix: "it was released or never existed")
 
     @Test func heaps() throws {
         let daemon = try FakeDaemon { _ in FakeReply(response: .heaps(Fixtures.heaps)) }
@@ -57,7 +57,7 @@ struct DaemonCommandTests {
         let result = run(["info", "99", "--socket", daemon.path])
         #expect(result.status == ExitStatus.refused.rawValue)
         #expect(result.stdout.isEmpty)
-        #expect(result.stderr == "error: no buffer 99; it was released or never existed (ENOENT)\n")
+        #expect(result.stderr == "error: no buffer 99 (ENOENT); it was released or never existed\n")
         #expect(daemon.requests == [.info(99)])
     }
 
@@ -113,7 +113,7 @@ struct DaemonCommandTests {
     }
 
     @Test func physicalRangesRefused() throws {
-        let refusal = WireError(errno: EPERM, code: .permissionDenied, message: "physical addresses are for the uids in physical_addresses")
+        let refusal = WireError.refusal(EPERM, code: .permissionDenied, cause: "physical addresses are for the uids in physical_addresses")
         let daemon = try FakeDaemon { _ in FakeReply(response: .error(refusal)) }
         defer { daemon.stop() }
         let result = run(["ranges", "7", "--physical", "--socket", daemon.path])

@@ -42,9 +42,9 @@ struct FormatterTests {
 
     @Test func heaps() {
         #expect(format(heaps: Fixtures.heaps) == """
-            HEAP     DEVICE                KIND     ALLOCATED  BUFFERS
-            system   /dev/dma_heap/system  system       8 MiB        2
-            udmabuf  /dev/udmabuf          udmabuf        0 B        0
+            HEAP     DEVICE                KIND     ALLOCATED  BUFFERS  TOTAL  FREE  MEMCG
+            system   /dev/dma_heap/system  system       8 MiB        2      -     -  -
+            udmabuf  /dev/udmabuf          udmabuf        0 B        0      -     -  -
 
             POLICY  HEAPS, IN ORDER OF PREFERENCE
             any     system, udmabuf
@@ -54,7 +54,21 @@ struct FormatterTests {
     }
 
     @Test func heapsWithoutPolicies() {
-        #expect(format(heaps: HeapsReply(heaps: [], policies: [])) == "HEAP  DEVICE  KIND  ALLOCATED  BUFFERS\n")
+        #expect(format(heaps: HeapsReply(heaps: [], policies: [])) == "HEAP  DEVICE  KIND  ALLOCATED  BUFFERS  TOTAL  FREE  MEMCG\n")
+    }
+
+    @Test func heapsV2() {
+        let reply = HeapsReply(
+            heaps: [HeapInfo(name: "cma", device: "linux,cma", kind: "cma", totalBytes: 64 << 20, freeBytes: 60 << 20),
+                    HeapInfo(name: "system", device: "/dev/dma_heap/system", kind: "system", chargesMemcg: true)],
+            policies: [], memAccounting: true)
+        #expect(format(heaps: reply) == """
+            HEAP    DEVICE                KIND    ALLOCATED  BUFFERS   TOTAL    FREE  MEMCG
+            cma     linux,cma             cma           0 B        0  64 MiB  60 MiB  -
+            system  /dev/dma_heap/system  system        0 B        0       -       -  charged
+            dma_heap.mem_accounting=1: system heap allocations are charged to memory cgroups
+
+            """)
     }
 
     @Test func buffers() {
@@ -62,10 +76,10 @@ struct FormatterTests {
         revoked.id = 8
         revoked.revoked = true
         #expect(format(buffers: [Fixtures.buffer, Fixtures.sharedOrphan, revoked]) == """
-            ID  OWNER      HEAP       SIZE  HOLDERS  LEASES  STATE            NAME
-             7  1000/4242  system    4 MiB        2       1  active           1000:4242:frame
-            12  1001/99    udmabuf  64 KiB        0       0  orphaned,shared  1001:99:
-             8  1000/4242  system    4 MiB        2       1  revoked          1000:4242:frame
+            ID  OWNER      HEAP       SIZE  HOLDERS  LEASES  STATE            CGROUP  NAME
+             7  1000/4242  system    4 MiB        2       1  active           -       1000:4242:frame
+            12  1001/99    udmabuf  64 KiB        0       0  orphaned,shared  -       1001:99:
+             8  1000/4242  system    4 MiB        2       1  revoked          -       1000:4242:frame
 
             """)
     }
@@ -79,11 +93,13 @@ struct FormatterTests {
               tag:         -
               name:        1001:99:
               owner:       uid 1001, pid 99
+              cgroup:      -
               generation:  2
               holders:     0
               leases:      0
               shared with: uid 1000
               state:       orphaned,shared
+              memfd:       the client's
 
             """)
         #expect(format(info: Fixtures.buffer).contains("  tag:         frame\n  name:        1000:4242:frame\n"))

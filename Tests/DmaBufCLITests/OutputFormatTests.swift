@@ -10,7 +10,7 @@ struct JSONOutputTests {
         let object = try jsonObject(try encodeJSON(Fixtures.buffer))
         #expect(Set(object.keys) == [
             "id", "inode", "size", "heap", "tag", "name", "ownerUID", "ownerPID", "generation", "externalReferences", "leases",
-            "sharedWith", "revoked", "orphaned",
+            "sharedWith", "revoked", "orphaned", "cgroup", "memfdOwnedByDaemon",
         ])
         #expect(object["id"] as? Int == 7)
         #expect(object["size"] as? Int == 4 << 20)
@@ -24,9 +24,9 @@ struct JSONOutputTests {
         #expect(text.contains("\"/dev/dma_heap/system\""))
         #expect(text.hasSuffix("}\n"))
         let keys = text.split(separator: "\n").filter { $0.hasPrefix("  \"") }.map { $0.split(separator: "\"")[1] }
-        #expect(keys == ["heaps", "policies"])
+        #expect(keys == ["heaps", "memAccounting", "policies"])
         let heap = try #require(((try jsonObject(text))["heaps"] as? [[String: Any]])?.first)
-        #expect(Set(heap.keys) == ["name", "device", "kind", "allocatedBytes", "buffers"])
+        #expect(Set(heap.keys) == ["name", "device", "kind", "allocatedBytes", "buffers", "totalBytes", "freeBytes", "chargesMemcg"])
         #expect(heap["allocatedBytes"] as? Int == 8 << 20)
     }
 
@@ -41,7 +41,7 @@ struct JSONOutputTests {
         let object = try jsonObject(try encodeJSON(Fixtures.stats))
         #expect(Set(object.keys) == [
             "heaps", "clients", "failures", "connectedClients", "buffers", "bytes", "leases", "pendingFences",
-            "oldestPendingFenceMilliseconds",
+            "oldestPendingFenceMilliseconds", "cgroups",
         ])
         #expect(object["oldestPendingFenceMilliseconds"] as? Int == 1500)
         let client = try #require((object["clients"] as? [[String: Any]])?.first)

@@ -53,14 +53,14 @@ struct ParsingTests {
         #expect(command.fence.id == 7)
         #expect(command.fence.pages == PageSpan(first: 2, count: 8))
         #expect(command.fence.access == .write)
-        #expect(command.fence.access.mode == .write)
+        #expect(command.fence.access == .write)
         #expect(command.timeout == .milliseconds(500))
     }
 
     @Test func fenceStatusDefaultsToTheWholeBuffer() throws {
         let command = try #require(try Dmabufctl.parseAsRoot(["fence", "status", "7", "--access", "read"]) as? FenceStatusCommand)
         #expect(command.fence.pages == .all)
-        #expect(command.fence.access.mode == .read)
+        #expect(command.fence.access == .read)
     }
 
     @Test func revokeDeadline() throws {

@@ -39,12 +39,15 @@ final class FakeDaemon: @unchecked Sendable {
     private let handler: @Sendable (Request) -> FakeReply
     private let state = Mutex<(requests: [Request], stop: Bool)>(([], false))
     private let finished = DispatchSemaphore(value: 0)
+    /// The highest protocol version this fake speaks.
+    let version: UInt16
 
     static let hello = HelloReply(
         version: 1, server: "fake-dmabufd", maximumMessageSize: UInt32(WireLimits.maximumMessageSize),
         maximumDescriptors: UInt16(WireLimits.maximumDescriptors), pageSize: 4096, uid: 1000, gid: 1000, pid: 4242)
 
-    init(_ handler: @escaping @Sendable (Request) -> FakeReply) throws {
+    init(version: UInt16 = 2, _ handler: @escaping @Sendable (Request) -> FakeReply) throws {
+        self.version = version
         path = "/tmp/dmabufctl-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
         listener = try UnixSocket.listen(path: path).shared()
         self.handler = handler
@@ -72,24 +75,29 @@ final class FakeDaemon: @unchecked Sendable {
     }
 
     private func converse(_ connection: SharedFD) {
+        var negotiated: UInt16?
         while !stopping {
             var fds = [pollfd(fd: connection.descriptor.rawValue, events: Int16(POLLIN), revents: 0)]
             guard poll(&fds, 1, 20) > 0 else { continue }
             guard let message = try? UnixSocket.receive(connection.descriptor, maxBytes: WireLimits.maximumMessageSize),
                   !message.isEndOfStream,
-                  let (header, request) = try? WireMessage.decodeRequest(message.bytes, descriptors: message.fds.count)
+                  let (header, request) = try? WireMessage.decodeRequest(message.bytes, descriptors: message.fds.count, version: negotiated)
             else { return }
             let reply: FakeReply
-            if case .hello = request {
-                reply = FakeReply(response: .hello(FakeDaemon.hello))
+            if case .hello(let hello) = request {
+                var answer = FakeDaemon.hello
+                answer.version = min(hello.maximumVersion, version)
+                reply = FakeReply(response: .hello(answer))
+                negotiated = answer.version
             } else {
                 state.withLock { $0.requests.append(request) }
                 reply = handler(request)
             }
-            let bytes = WireMessage.encode(reply.response, requestID: header.requestID, descriptors: reply.fds.count)
+            let v = negotiated ?? WireLimits.baseVersion
+            let bytes = WireMessage.encode(reply.response, requestID: header.requestID, descriptors: reply.fds.count, version: v)
             _ = try? UnixSocket.send(connection.descriptor, bytes: bytes, fds: reply.fds)
             for event in reply.events {
-                _ = try? UnixSocket.send(connection.descriptor, bytes: WireMessage.encode(event, requestID: 0))
+                _ = try? UnixSocket.send(connection.descriptor, bytes: WireMessage.encode(event, requestID: 0, version: v))
             }
         }
     }

@@ -43,13 +43,14 @@ final class BrokerHarness {
     }
 
     /// A connected client of `uid`, after hello unless `hello` is false.
-    func connect(uid: UInt32 = 1000, pid: Int32 = 4242, hello: Bool = true) throws -> TestClient {
+    func connect(uid: UInt32 = 1000, pid: Int32 = 4242, hello: Bool = true, version: UInt16 = 1, cgroup: String = "") throws -> TestClient {
         let (daemonEnd, clientEnd) = try UnixSocket.pair()
         let client = TestClient(harness: self, socket: clientEnd, uid: uid)
-        broker.adopt(daemonEnd, credentials: PeerCredentials(pid: pid, uid: uid, gid: uid))
+        broker.adopt(daemonEnd, credentials: PeerCredentials(pid: pid, uid: uid, gid: uid), cgroup: cgroup)
         clients.append(client)
         if hello {
-            let reply = try client.request(.hello(Hello(minimumVersion: 1, maximumVersion: 1, client: "test")))
+            let reply = try client.request(.hello(Hello(minimumVersion: 1, maximumVersion: version, client: "test")))
+            client.version = version
             guard case .hello = reply.0 else { throw NoReply(description: "hello answered \(reply.0)") }
         }
         return client
@@ -88,6 +89,8 @@ final class TestClient {
     let uid: UInt32
     var events: [Response] = []
     var nextID: UInt32 = 1
+    /// The negotiated version: requests are encoded and replies decoded in it.
+    var version: UInt16 = 1
 
     init(harness: BrokerHarness, socket: SharedFD, uid: UInt32) {
         self.harness = harness
@@ -101,7 +104,7 @@ final class TestClient {
         guard let socket else { throw NoReply(description: "closed") }
         let id = nextID
         nextID += 1
-        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(request, requestID: id, descriptors: fds.count), fds: fds.map(\.descriptor))
+        try UnixSocket.send(socket.descriptor, bytes: WireMessage.encode(request, requestID: id, descriptors: fds.count, version: version), fds: fds.map(\.descriptor))
         return id
     }
 
@@ -127,7 +130,7 @@ final class TestClient {
             do {
                 let message = try UnixSocket.receive(socket.descriptor, maxBytes: WireLimits.maximumMessageSize, flags: CInt(MSG_DONTWAIT))
                 if message.isEndOfStream { return nil }
-                let (header, response) = try WireMessage.decodeResponse(message.bytes, descriptors: message.fds.count)
+                let (header, response) = try WireMessage.decodeResponse(message.bytes, descriptors: message.fds.count, version: version)
                 return (header, response, message.fds)
             } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
                 harness.loop.runOnce(timeoutMilliseconds: 1)

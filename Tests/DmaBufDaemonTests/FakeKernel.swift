@@ -86,6 +86,9 @@ final class FakeKernel: KernelBackend {
 
     func memAvailable() -> UInt64? { available }
     func udmabufLimits() -> UDmabuf.Limits { limits }
+    func heapTotals(kind: String) -> (total: UInt64, free: UInt64) { kind == "cma" ? (64 << 20, 32 << 20) : (0, 0) }
+    var accounting = false
+    func memAccounting() -> Bool { accounting }
 
     // MARK: - fd helpers
 

@@ -1,4 +1,3 @@
-import DmaBuf
 import DmaBufWire
 import Testing
 
@@ -52,7 +51,7 @@ func patched(_ bytes: [UInt8], payloadByte index: Int, to value: UInt8) -> [UInt
         #expect(requestError(Array(request.prefix(4))) == .badMagic(magic))
     }
 
-    @Test("unsupported versions", arguments: [UInt16(0), 2, 0x0100, .max])
+    @Test("unsupported versions", arguments: [UInt16(0), 3, 0x0100, .max])
     func badVersion(_ version: UInt16) {
         var request = encoded(requestSamples[0])
         request.setU16(version, at: HeaderOffset.version)
@@ -64,7 +63,7 @@ func patched(_ bytes: [UInt8], payloadByte index: Int, to value: UInt8) -> [UInt
 
     @Test("unknown message types, and replies and requests sent the wrong way")
     func unknownType() {
-        for type: UInt16 in [0x0000, 0x0012, 0x00FF, 0x3FFF, 0x4000, 0x4005, 0x7FFF, 0x8000, 0x8004, 0x8010, 0xFFFE] {
+        for type: UInt16 in [0x0000, 0x0014, 0x00FF, 0x3FFF, 0x4000, 0x4005, 0x7FFF, 0x8000, 0x8004, 0x8010, 0xFFFE] {
             var bytes = encoded(requestSamples[0])
             bytes.setU16(type, at: HeaderOffset.type)
             #expect(requestError(bytes) == .unknownType(type), "0x\(String(type, radix: 16))")
@@ -124,7 +123,7 @@ func patched(_ bytes: [UInt8], payloadByte index: Int, to value: UInt8) -> [UInt
         let range = WireMessage.descriptorRange(of: s.message.type)
         for fds in [0, 1, 2, 3, WireLimits.maximumDescriptors] where !range.contains(fds) {
             // Header and ancillary data agree, but not with what the type requires.
-            let bytes = WireMessage.encode(s.message, requestID: 1, descriptors: fds)
+            let bytes = WireMessage.encode(s.message, requestID: 1, descriptors: fds, version: s.version)
             #expect(requestError(bytes, descriptors: fds)
                     == .wrongDescriptorCount(type: "\(s.message.type)", expected: range, actual: fds), "\(s.label) with \(fds) fds")
         }
@@ -146,7 +145,7 @@ func patched(_ bytes: [UInt8], payloadByte index: Int, to value: UInt8) -> [UInt
     func responseDescriptorCount(_ s: Sample<Response>) {
         let range = WireMessage.descriptorRange(of: s.message.type)
         for fds in [0, 1, 2, 3, WireLimits.maximumDescriptors] where !range.contains(fds) {
-            let bytes = WireMessage.encode(s.message, requestID: 1, descriptors: fds)
+            let bytes = WireMessage.encode(s.message, requestID: 1, descriptors: fds, version: s.version)
             #expect(responseError(bytes, descriptors: fds)
                     == .wrongDescriptorCount(type: "\(s.message.type)", expected: range, actual: fds), "\(s.label) with \(fds) fds")
         }

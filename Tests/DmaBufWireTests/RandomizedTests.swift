@@ -38,6 +38,7 @@ func kind(_ error: WireDecodingError) -> String {
     case .invalidValue: "invalidValue"
     case .badMagic: "badMagic"
     case .unsupportedVersion: "unsupportedVersion"
+    case .versionMismatch: "versionMismatch"
     case .unknownType: "unknownType"
     case .lengthMismatch: "lengthMismatch"
     case .wrongDescriptorCount: "wrongDescriptorCount"
@@ -50,7 +51,7 @@ func decodeBothWays(_ bytes: [UInt8], descriptors: Int, sourceLocation: SourceLo
     var outcomes: [Outcome] = []
     do {
         let (header, request) = try WireMessage.decodeRequest(bytes, descriptors: descriptors)
-        let again = WireMessage.encode(request, requestID: header.requestID, descriptors: descriptors)
+        let again = WireMessage.encode(request, requestID: header.requestID, descriptors: descriptors, version: header.version)
         #expect(again == canonical(bytes, event: false), "request re-encodes differently: \(bytes)", sourceLocation: sourceLocation)
         #expect((try? WireMessage.decodeRequest(again, descriptors: descriptors).1) == request, sourceLocation: sourceLocation)
         outcomes.append(.decoded)
@@ -59,7 +60,7 @@ func decodeBothWays(_ bytes: [UInt8], descriptors: Int, sourceLocation: SourceLo
     }
     do {
         let (header, response) = try WireMessage.decodeResponse(bytes, descriptors: descriptors)
-        let again = WireMessage.encode(response, requestID: header.requestID, descriptors: descriptors)
+        let again = WireMessage.encode(response, requestID: header.requestID, descriptors: descriptors, version: header.version)
         #expect(again == canonical(bytes, event: response.isEvent), "response re-encodes differently: \(bytes)", sourceLocation: sourceLocation)
         #expect((try? WireMessage.decodeResponse(again, descriptors: descriptors).1) == response, sourceLocation: sourceLocation)
         outcomes.append(.decoded)

@@ -1,4 +1,3 @@
-import DmaBuf
 import DmaBufWire
 import Testing
 
@@ -20,7 +19,7 @@ import Testing
         let bytes = encoded(sample, requestID: 0xA1B2_C3D4)
         #expect(bytes.count >= WireLimits.headerSize)
         #expect(bytes.u32(at: HeaderOffset.magic) == WireLimits.magic)
-        #expect(bytes.u16(at: HeaderOffset.version) == WireLimits.currentVersion)
+        #expect(bytes.u16(at: HeaderOffset.version) == headerVersion(sample, type: sample.message.type))
         #expect(bytes.u16(at: HeaderOffset.type) == sample.message.type.rawValue)
         #expect(Int(bytes.u32(at: HeaderOffset.payloadLength)) == bytes.count - WireLimits.headerSize)
         #expect(Int(bytes.u16(at: HeaderOffset.descriptorCount)) == sample.descriptors)
@@ -30,12 +29,12 @@ import Testing
         #expect(decoded == sample.message)
         #expect(header.type == sample.message.type.rawValue)
         #expect(header.requestID == 0xA1B2_C3D4)
-        #expect(header.version == WireLimits.currentVersion)
+        #expect(header.version == headerVersion(sample, type: sample.message.type))
         #expect(Int(header.payloadLength) == bytes.count - WireLimits.headerSize)
         #expect(Int(header.descriptorCount) == sample.descriptors)
         #expect(WireMessage.descriptorRange(of: sample.message.type).contains(sample.descriptors))
         // Canonical: encoding the decoded value gives back the same bytes.
-        #expect(WireMessage.encode(decoded, requestID: header.requestID, descriptors: sample.descriptors) == bytes)
+        #expect(WireMessage.encode(decoded, requestID: header.requestID, descriptors: sample.descriptors, version: sample.version) == bytes)
         // A request is never mistaken for a response.
         #expect(responseError(bytes, descriptors: sample.descriptors) == .unknownType(sample.message.type.rawValue))
     }
@@ -54,7 +53,8 @@ import Testing
         #expect(header.requestID == (sample.message.isEvent ? 0 : 0xA1B2_C3D4))
         #expect(Int(header.descriptorCount) == sample.descriptors)
         #expect(WireMessage.descriptorRange(of: sample.message.type).contains(sample.descriptors))
-        #expect(WireMessage.encode(decoded, requestID: 0xA1B2_C3D4, descriptors: sample.descriptors) == bytes)
+        #expect(header.version == headerVersion(sample, type: sample.message.type))
+        #expect(WireMessage.encode(decoded, requestID: 0xA1B2_C3D4, descriptors: sample.descriptors, version: sample.version) == bytes)
         #expect(requestError(bytes, descriptors: sample.descriptors) == .unknownType(sample.message.type.rawValue))
     }
 
@@ -76,6 +76,7 @@ import Testing
             let expected: ClosedRange<Int> = switch type {
             case .bufferReply: 1...1
             case .accessReply: 0...1
+            case .buffersReply: 1...16
             default: 0...0
             }
             #expect(WireMessage.descriptorRange(of: type) == expected, "\(type)")

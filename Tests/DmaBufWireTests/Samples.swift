@@ -1,11 +1,12 @@
-import DmaBuf
 import DmaBufWire
 
-/// One sample message: the value, a file-name-safe label, and the fds that travel with it.
+/// One sample message: the value, a file-name-safe label, the fds that travel with it, and the protocol
+/// version it is encoded in (v2 samples carry `-v2` in their labels).
 struct Sample<Message: Sendable & Equatable>: Sendable, CustomStringConvertible {
     var label: String
     var message: Message
     var descriptors: Int
+    var version: UInt16 = 1
     var description: String { label }
 }
 
@@ -15,10 +16,10 @@ let requestSamples: [Sample<Request>] = [
     Sample(label: "hello", message: .hello(Hello(client: "dmabufctl/1.0 ✓")), descriptors: 0),
     Sample(label: "hello-versions", message: .hello(Hello(minimumVersion: 0, maximumVersion: .max, client: "")), descriptors: 0),
     Sample(label: "list-heaps", message: .listHeaps, descriptors: 0),
-    Sample(label: "allocate", message: .allocate(AllocateRequest(size: 1 << 20, heap: "system", tag: "frame-0", cpuAccess: .read)),
+    Sample(label: "allocate", message: .allocate(AllocateRequest(size: 1 << 20, heap: "system", tag: "frame-0", cpuAccess: 1)),
            descriptors: 0),
     Sample(label: "allocate-max-tag", message: .allocate(AllocateRequest(size: .max, heap: "any", tag: String(repeating: "é", count: 127) + "x",
-                                                                        cpuAccess: .none)), descriptors: 0),
+                                                                        cpuAccess: 0)), descriptors: 0),
     Sample(label: "create-udmabuf", message: .createUDmabuf(UDmabufRequest(size: 2 << 20, tag: "huge", hugePages: true)), descriptors: 0),
     Sample(label: "create-udmabuf-from-memfd",
            message: .createUDmabufFromMemfd(UDmabufFromMemfdRequest(
@@ -41,11 +42,40 @@ let requestSamples: [Sample<Request>] = [
     Sample(label: "begin-access", message: .beginAccess(AccessRequest(buffer: 3, access: .read)), descriptors: 0),
     Sample(label: "revoke", message: .revoke(RevokeRequest(buffer: 3, deadlineMilliseconds: 250)), descriptors: 0),
     Sample(label: "info", message: .info(.max), descriptors: 0),
+    // Protocol v2: the changed payloads, the new messages, and one unchanged message in a v2 header.
+    Sample(label: "hello-v2", message: .hello(Hello(minimumVersion: 1, maximumVersion: 2, client: "dmabufctl")), descriptors: 0, version: 2),
+    Sample(label: "allocate-v2", message: .allocate(AllocateRequest(size: 1 << 20, heap: "system", tag: "frame-0",
+                                                                   fdFlags: FDFlags.readOnly, heapFlags: 0)), descriptors: 0, version: 2),
+    Sample(label: "allocate-v2-bad-flags", message: .allocate(AllocateRequest(size: 4096, heap: "any", tag: "",
+                                                                             fdFlags: .max, heapFlags: .max)), descriptors: 0, version: 2),
+    Sample(label: "create-udmabuf-from-memfd-v2",
+           message: .createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: [ByteRange(offset: 4096, size: 4096)], tag: "m",
+                                                                    flags: UDmabufFlags.closeOnExec)), descriptors: 1, version: 2),
+    Sample(label: "allocate-batch-v2", message: .allocateBatch(AllocateBatchRequest(count: 16, size: 4096, heap: "system", tag: "pool",
+                                                                                   fdFlags: FDFlags.default)), descriptors: 0, version: 2),
+    Sample(label: "allocate-batch-one-v2", message: .allocateBatch(AllocateBatchRequest(count: 1, size: .max, heap: "", tag: "é",
+                                                                                       fdFlags: 0, heapFlags: 1)), descriptors: 0, version: 2),
+    Sample(label: "release-quiet-v2", message: .releaseQuiet([1, 2, .max]), descriptors: 0, version: 2),
+    Sample(label: "release-v2", message: .release(42), descriptors: 0, version: 2),
 ]
 
 let sampleBuffer = BufferInfo(
     id: 5, inode: 123_456, size: 1 << 20, heap: "system", tag: "frame", name: "1000:4242:frame", ownerUID: 1000, ownerPID: 4242,
     generation: 2, externalReferences: 1, leases: 3, sharedWith: [1001, 1002], revoked: false, orphaned: true)
+
+let sampleBufferV2: BufferInfo = {
+    var b = sampleBuffer
+    b.cgroup = "/user.slice/user-1000.slice/session-2.scope"
+    b.memfdOwnedByDaemon = true
+    return b
+}()
+
+let sampleStatsV2: Stats = {
+    var s = sampleStats
+    s.cgroups = [CgroupStats(cgroup: "/user.slice", bytes: 1 << 20, buffers: 2, quotaBytes: 1 << 32, refusals: 1),
+                 CgroupStats(cgroup: "", bytes: 0, buffers: 0)]
+    return s
+}()
 
 let sampleStats = Stats(
     heaps: [HeapStats(heap: "system", bytes: 1 << 30, buffers: 12, failures: 1)],
@@ -87,15 +117,36 @@ let responseSamples: [Sample<Response>] = [
     Sample(label: "lease-ended-event", message: .leaseEnded(lease: 77, buffer: 5), descriptors: 0),
     Sample(label: "buffer-freed-event", message: .bufferFreed(5), descriptors: 0),
     Sample(label: "fence-signaled-event", message: .fenceSignaled(5), descriptors: 0),
+    // Protocol v2.
+    Sample(label: "hello-reply-v2", message: .hello(HelloReply(version: 2, server: "dmabufd", maximumMessageSize: 65_536,
+                                                               maximumDescriptors: 16, pageSize: 4096, uid: 0, gid: 0, pid: 1)),
+           descriptors: 0, version: 2),
+    Sample(label: "heaps-reply-v2", message: .heaps(HeapsReply(
+        heaps: [HeapInfo(name: "cma", device: "linux,cma", kind: "cma", allocatedBytes: 4096, buffers: 1,
+                         totalBytes: 64 << 20, freeBytes: 60 << 20, chargesMemcg: false),
+                HeapInfo(name: "udmabuf", device: "/dev/udmabuf", kind: "udmabuf", chargesMemcg: true)],
+        policies: [PolicyInfo(name: "any", chain: ["cma", "system"])], memAccounting: true)), descriptors: 0, version: 2),
+    Sample(label: "buffer-reply-v2", message: .buffer(sampleBufferV2), descriptors: 1, version: 2),
+    Sample(label: "buffers-reply-v2", message: .buffers([sampleBufferV2, sampleBuffer]), descriptors: 2, version: 2),
+    Sample(label: "list-reply-v2", message: .list([sampleBufferV2], more: true), descriptors: 0, version: 2),
+    Sample(label: "stats-reply-v2", message: .stats(sampleStatsV2), descriptors: 0, version: 2),
+    Sample(label: "error-reply-v2", message: .error(WireError(errno: 22, code: .invalidArgument, message: "fd_flags 0x40 (EINVAL)")),
+           descriptors: 0, version: 2),
+    Sample(label: "lease-ended-event-v2", message: .leaseEnded(lease: 1, buffer: 2), descriptors: 0, version: 2),
 ]
 
 /// The encoding of each sample, as the tests and the fuzz corpus use them.
 func encoded(_ sample: Sample<Request>, requestID: UInt32 = 0x0102_0304) -> [UInt8] {
-    WireMessage.encode(sample.message, requestID: requestID, descriptors: sample.descriptors)
+    WireMessage.encode(sample.message, requestID: requestID, descriptors: sample.descriptors, version: sample.version)
 }
 
 func encoded(_ sample: Sample<Response>, requestID: UInt32 = 0x0102_0304) -> [UInt8] {
-    WireMessage.encode(sample.message, requestID: requestID, descriptors: sample.descriptors)
+    WireMessage.encode(sample.message, requestID: requestID, descriptors: sample.descriptors, version: sample.version)
+}
+
+/// The version a sample's header carries: hello and its reply always go out as v1.
+func headerVersion<M>(_ sample: Sample<M>, type: MessageType) -> UInt16 {
+    type == .hello || type == .helloReply ? WireLimits.baseVersion : sample.version
 }
 
 /// Byte offsets of the header fields, as the protocol lays them out.
@@ -127,9 +178,10 @@ extension Array where Element == UInt8 {
 }
 
 /// Builds a message from a header and a raw payload, for malformed payloads the encoder cannot produce.
-func frame(type: MessageType, requestID: UInt32 = 1, descriptors: Int = 0, payload: [UInt8]) -> [UInt8] {
+func frame(type: MessageType, requestID: UInt32 = 1, descriptors: Int = 0, version: UInt16 = WireLimits.baseVersion,
+           payload: [UInt8]) -> [UInt8] {
     var w = WireWriter()
-    w.u32(WireLimits.magic); w.u16(WireLimits.currentVersion); w.u16(type.rawValue); w.u32(requestID)
+    w.u32(WireLimits.magic); w.u16(version); w.u16(type.rawValue); w.u32(requestID)
     w.u32(UInt32(payload.count)); w.u16(UInt16(descriptors)); w.u16(0)
     return w.bytes + payload
 }
@@ -141,10 +193,10 @@ func payload(_ build: (inout WireWriter) -> Void) -> [UInt8] {
 }
 
 /// The error a decode threw, or nil when it succeeded.
-func requestError(_ bytes: [UInt8], descriptors: Int = 0) -> WireDecodingError? {
-    do { _ = try WireMessage.decodeRequest(bytes, descriptors: descriptors); return nil } catch { return error }
+func requestError(_ bytes: [UInt8], descriptors: Int = 0, version: UInt16? = nil) -> WireDecodingError? {
+    do { _ = try WireMessage.decodeRequest(bytes, descriptors: descriptors, version: version); return nil } catch { return error }
 }
 
-func responseError(_ bytes: [UInt8], descriptors: Int = 0) -> WireDecodingError? {
-    do { _ = try WireMessage.decodeResponse(bytes, descriptors: descriptors); return nil } catch { return error }
+func responseError(_ bytes: [UInt8], descriptors: Int = 0, version: UInt16? = nil) -> WireDecodingError? {
+    do { _ = try WireMessage.decodeResponse(bytes, descriptors: descriptors, version: version); return nil } catch { return error }
 }

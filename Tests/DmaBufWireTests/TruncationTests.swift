@@ -1,4 +1,3 @@
-import DmaBuf
 import DmaBufWire
 import Testing
 
@@ -43,14 +42,20 @@ func fieldEnding(_ fields: [Field], at cut: Int, offset: inout Int) -> String? {
     return nil
 }
 
-func layout(of request: Request) -> [Field] {
+func layout(of request: Request, version: UInt16 = 1) -> [Field] {
     switch request {
     case .hello(let h): [.fixed("minimum_version", 2), .fixed("maximum_version", 2), .string("client", h.client)]
     case .listHeaps, .stats: []
+    case .allocate(let a) where version >= 2:
+        [.fixed("size", 8), .string("heap", a.heap), .string("tag", a.tag), .fixed("fd_flags", 4), .fixed("heap_flags", 8)]
     case .allocate(let a): [.fixed("size", 8), .string("heap", a.heap), .string("tag", a.tag), .fixed("cpu_access", 1)]
+    case .allocateBatch(let a):
+        [.fixed("count", 2), .fixed("size", 8), .string("heap", a.heap), .string("tag", a.tag), .fixed("fd_flags", 4), .fixed("heap_flags", 8)]
+    case .releaseQuiet(let ids): [.array("buffers", minimum: 8, ids.map { _ in [.fixed("buffer", 8)] })]
     case .createUDmabuf(let u): [.fixed("size", 8), .string("tag", u.tag), .fixed("huge_pages", 1)]
     case .createUDmabufFromMemfd(let u):
         [.array("ranges", minimum: 16, u.ranges.map { _ in [.fixed("offset", 8), .fixed("size", 8)] }), .string("tag", u.tag)]
+            + (version >= 2 ? [.fixed("flags", 4)] : [])
     case .importBuffer(let tag): [.string("tag", tag)]
     case .share(let s): [.fixed("buffer", 8), .fixed("uid", s.uid == nil ? 1 : 5), .fixed("one_time_token", 1)]
     case .fetch: [.fixed("buffer", 8), .fixed("token", 8)]
@@ -63,28 +68,32 @@ func layout(of request: Request) -> [Field] {
     }
 }
 
-func layout(of b: BufferInfo) -> [Field] {
+func layout(of b: BufferInfo, version: UInt16 = 1) -> [Field] {
     [.fixed("id", 8), .fixed("inode", 8), .fixed("size", 8), .string("heap", b.heap), .string("tag", b.tag), .string("name", b.name),
      .fixed("owner_uid", 4), .fixed("owner_pid", 4), .fixed("generation", 4), .fixed("external_references", 4), .fixed("leases", 4),
      .array("shared_with", minimum: 4, b.sharedWith.map { _ in [.fixed("uid", 4)] }), .fixed("revoked", 1), .fixed("orphaned", 1)]
+        + (version >= 2 ? [.string("cgroup", b.cgroup), .fixed("memfd_owned_by_daemon", 1)] : [])
 }
 
-func layout(of response: Response) -> [Field] {
+func layout(of response: Response, version: UInt16 = 1) -> [Field] {
     switch response {
     case .hello(let h):
         [.fixed("version", 2), .string("server", h.server), .fixed("maximum_message_size", 4), .fixed("maximum_descriptors", 2),
          .fixed("page_size", 4), .fixed("uid", 4), .fixed("gid", 4), .fixed("pid", 4)]
     case .heaps(let h):
-        [.array("heaps", minimum: 18, h.heaps.map {
+        [.array("heaps", minimum: version >= 2 ? 35 : 18, h.heaps.map {
             [.string("name", $0.name), .string("device", $0.device), .string("kind", $0.kind), .fixed("allocated_bytes", 8), .fixed("buffers", 4)]
+                + (version >= 2 ? [.fixed("total_bytes", 8), .fixed("free_bytes", 8), .fixed("charges_memcg", 1)] : [])
          }),
          .array("policies", minimum: 6, h.policies.map {
             [.string("name", $0.name), .array("chain", minimum: 2, $0.chain.map { [.string("heap", $0)] })]
-         })]
-    case .buffer(let b): layout(of: b)
+         })] + (version >= 2 ? [.fixed("mem_accounting", 1)] : [])
+    case .buffer(let b): layout(of: b, version: version)
+    case .buffers(let items): [.array("buffers", minimum: 53, items.map { layout(of: $0, version: version) })]
     case .share(let s): [.fixed("token", s.token == nil ? 1 : 9)]
     case .ok: []
-    case .list(let items, _): [.array("buffers", minimum: 50, items.map { layout(of: $0) }), .fixed("more", 1)]
+    case .list(let items, _):
+        [.array("buffers", minimum: version >= 2 ? 53 : 50, items.map { layout(of: $0, version: version) }), .fixed("more", 1)]
     case .stats(let s):
         [.array("heaps", minimum: 18, s.heaps.map { [.string("heap", $0.heap), .fixed("bytes", 8), .fixed("buffers", 4), .fixed("failures", 4)] }),
          .array("clients", minimum: 32, s.clients.map { _ in
@@ -93,6 +102,9 @@ func layout(of response: Response) -> [Field] {
          .array("failures", minimum: 6, s.failures.map { [.string("errno", $0.errno), .fixed("count", 4)] }),
          .fixed("connected_clients", 4), .fixed("buffers", 4), .fixed("bytes", 8), .fixed("leases", 4), .fixed("pending_fences", 4),
          .fixed("oldest_pending_fence_ms", 8)]
+            + (version >= 2 ? [.array("cgroups", minimum: 26, s.cgroups.map {
+                [.string("cgroup", $0.cgroup), .fixed("bytes", 8), .fixed("buffers", 4), .fixed("quota_bytes", 8), .fixed("refusals", 4)]
+              })] : [])
     case .layout(let l):
         [.fixed("buffer", 8), .fixed("lease", 8), .fixed("generation", 4), .fixed("kind", 1), .fixed("page_size", 4), .fixed("first_page", 8),
          .array("runs", minimum: 16, l.runs.map { _ in [.fixed("start", 8), .fixed("pages", 8)] })]
@@ -126,17 +138,17 @@ func layout(of response: Response) -> [Field] {
     @Test("the layout descriptions agree with the encoder's sizes")
     func layoutsMatchTheEncoder() {
         for sample in requestSamples {
-            #expect(layout(of: sample.message).reduce(0) { $0 + $1.size } == encoded(sample).payload.count, "\(sample.label)")
+            #expect(layout(of: sample.message, version: sample.version).reduce(0) { $0 + $1.size } == encoded(sample).payload.count, "\(sample.label)")
         }
         for sample in responseSamples {
-            #expect(layout(of: sample.message).reduce(0) { $0 + $1.size } == encoded(sample).payload.count, "\(sample.label)")
+            #expect(layout(of: sample.message, version: sample.version).reduce(0) { $0 + $1.size } == encoded(sample).payload.count, "\(sample.label)")
         }
     }
 
     @Test("a request cut inside any field, with a header that agrees, is truncated in that field", arguments: requestSamples)
     func truncatedRequestPayload(_ sample: Sample<Request>) {
         let bytes = encoded(sample)
-        let fields = layout(of: sample.message)
+        let fields = layout(of: sample.message, version: sample.version)
         for cut in 0..<bytes.payload.count {
             var offset = 0
             let expected = fieldEnding(fields, at: cut, offset: &offset)
@@ -150,7 +162,7 @@ func layout(of response: Response) -> [Field] {
     @Test("a response cut inside any field, with a header that agrees, is truncated in that field", arguments: responseSamples)
     func truncatedResponsePayload(_ sample: Sample<Response>) {
         let bytes = encoded(sample)
-        let fields = layout(of: sample.message)
+        let fields = layout(of: sample.message, version: sample.version)
         for cut in 0..<bytes.payload.count {
             var offset = 0
             let expected = fieldEnding(fields, at: cut, offset: &offset)

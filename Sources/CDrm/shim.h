@@ -1,3 +1,0 @@
-#include <xf86drm.h>
-#include <drm.h>
-#include <drm_mode.h>

@@ -61,10 +61,13 @@ struct Accounting {
     mutating func countHeapFailure(_ heap: String) { heapFailures[heap, default: 0] &+= 1 }
 
     /// Refuses a request for `count` buffers of `size` bytes each that would break a bound, before the
-    /// kernel is asked. `size` is already ≤ max_buffer_size, so `size * count` (count ≤ 16) cannot overflow.
+    /// kernel is asked. The product is checked: `max_buffer_size` is the config's, and nothing caps it.
     mutating func admit(uid: UInt32, cgroup: String = "", size: UInt64, count: UInt32 = 1, sessionBuffers: Int, config: DaemonConfig,
                         memAvailable: UInt64?) throws {
-        let total = size * UInt64(count)
+        let (total, overflow) = size.multipliedReportingOverflow(by: UInt64(count))
+        guard !overflow else {
+            throw Refusal(.overflow, .invalidArgument, "\(count) buffers of \(size) bytes overflow 64 bits", fix: "ask for less")
+        }
         let quota = config.quota(for: uid)
         let used = usage[uid] ?? Usage()
         let overBytes = used.bytes > quota.bytes || total > quota.bytes - used.bytes

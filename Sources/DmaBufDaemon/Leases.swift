@@ -52,7 +52,9 @@ extension Broker {
     }
 
     func releaseLease(_ session: ClientSession, _ id: LeaseID, fence fd: SharedFD?) throws {
-        guard let lease = leases[id], lease.session == session.id else {
+        // A released lease is no longer held, even while its fences keep it open: releasing it again
+        // with a new fence each time would pin the buffer, and its owner's charge, past any revocation.
+        guard let lease = leases[id], lease.session == session.id, !lease.released else {
             throw Refusal(.noSuchFileOrDirectory, .notFound, "no lease \(id) held by this connection")
         }
         if let fd {
@@ -85,7 +87,13 @@ extension Broker {
         guard let interval = record.fences.insert(range, access: f.access.writes ? .write : .read, value: key) else {
             throw Refusal(.invalidArgument, .invalidArgument, "empty page range")
         }
-        _ = try watch(fd, buffer: record.id, session: session, lease: nil, interval: interval)
+        do {
+            _ = try watch(fd, buffer: record.id, session: session, lease: nil, interval: interval)
+        } catch {
+            // Not watched, so nothing would ever remove the range, and it would pin the buffer for ever.
+            _ = record.fences.remove(interval)
+            throw error
+        }
     }
 
     private func checkFence(_ fd: SharedFD, session: ClientSession) throws {
@@ -135,7 +143,7 @@ extension Broker {
             send(session, .fenceSignaled(fence.buffer), requestID: 0)
         }
         if let record = buffers[fence.buffer], let interval = fence.interval {
-            record.fences.remove(interval)
+            _ = record.fences.remove(interval)
         }
         if let leaseID = fence.lease, let lease = leases[leaseID] {
             lease.fences.remove(key)

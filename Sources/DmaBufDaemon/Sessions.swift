@@ -185,7 +185,10 @@ extension Broker {
         guard sessions[session.socket.descriptor.rawValue] === session else { return }
         let bytes = WireMessage.encode(response, requestID: requestID, descriptors: fds.count, version: session.version ?? WireLimits.baseVersion)
         if session.outbox.isEmpty, trySend(session, bytes, fds) { return }
-        session.outbox.append((bytes, fds))
+        // A queued reply holds its own duplicate of each fd: a buffer whose only outside holder is a reply
+        // still waiting in an outbox must show that holder in fdinfo `count`, or freeing would uncharge
+        // a buffer the client is about to receive (found in review). Bounded by max_outbox_fds.
+        session.outbox.append((bytes, fds.map { (try? $0.duplicate().shared()) ?? $0 }))
         session.outboxBytes += bytes.count
         session.outboxFDs += fds.count
         if session.outboxBytes > Int(config.maxOutboxBytes) || session.outboxFDs > Int(config.maxOutboxFDs) {

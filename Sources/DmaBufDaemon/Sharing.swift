@@ -43,15 +43,14 @@ extension Broker {
     func fetch(_ session: ClientSession, _ f: FetchRequest) throws -> (Response, [SharedFD]) {
         let record = try existing(f.buffer)
         let uid = session.uid
-        var allowed = record.ownerUID == uid || uid == 0 || record.sharedWith.contains(uid)
-        if !allowed, f.token != 0, tokens[f.token]?.buffer == record.id {
-            dropToken(f.token)
-            allowed = true
-        }
-        guard allowed else {
+        let granted = record.ownerUID == uid || uid == 0 || record.sharedWith.contains(uid)
+        let byToken = !granted && f.token != 0 && tokens[f.token]?.buffer == record.id
+        guard granted || byToken else {
             throw Refusal(.permissionDenied, .permissionDenied, "buffer \(f.buffer) is not shared with uid \(uid)", fix: "ask its owner to share it or for a token")
         }
         try notRevoked(record)
+        // Used up only once the fetch will succeed: a refused fetch leaves the token as it was.
+        if byToken { dropToken(f.token) }
         if record.restored && record.ownerUID == uid {
             // The owner is back after a daemon restart: the buffer is its own again.
             record.restored = false

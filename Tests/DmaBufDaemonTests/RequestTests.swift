@@ -329,6 +329,38 @@ struct RequestTests {
         }
     }
 
+    @Test func aReleasedLeaseCannotBeReleasedAgainWithAnotherFence() throws {
+        // Found in review: re-releasing with a fresh fence before the last one signalled kept the lease,
+        // and so the buffer and its owner's charge, open past any revocation.
+        try BrokerHarness.scenario() { h in
+        let client = try h.connect()
+        let (buffer, _) = try client.allocate()
+        let (reply, _) = try client.request(.layout(LayoutRequest(buffer: buffer.id, firstPage: 0, pageCount: 0, physical: false)))
+        guard case .layout(let layout) = reply else { Issue.record("\(reply)"); return }
+        let first = FakeFence(), second = FakeFence()
+        try client.expectOK(.releaseLease(layout.lease), fds: [first.fd])
+        try client.expectRefusal(.releaseLease(layout.lease), fds: [second.fd], .noSuchFileOrDirectory, .notFound, "no lease")
+        first.signal()
+        #expect(try client.event() == .leaseEnded(lease: layout.lease, buffer: buffer.id))
+        second.signal()
+        }
+    }
+
+    @Test func aRefusedFetchLeavesTheTokenUnused() throws {
+        try BrokerHarness.scenario() { h in
+        let owner = try h.connect(uid: 1000)
+        let other = try h.connect(uid: 2000)
+        let (info, _) = try owner.allocate()
+        let (shared, _) = try owner.request(.share(ShareRequest(buffer: info.id, uid: nil, oneTimeToken: true)))
+        guard case .share(let reply) = shared, let token = reply.token else { Issue.record("\(shared)"); return }
+        // A lease keeps the revoked buffer (and the token) alive until the revocation deadline.
+        _ = try owner.request(.layout(LayoutRequest(buffer: info.id, firstPage: 0, pageCount: 0, physical: false)))
+        try owner.expectOK(.revoke(RevokeRequest(buffer: info.id, deadlineMilliseconds: 60_000)))
+        try other.expectRefusal(.fetch(FetchRequest(buffer: info.id, token: token)), .staleNFSFileHandle, .revoked, "revoked")
+        #expect(h.broker.tokens[token] != nil)
+        }
+    }
+
     @Test func attachFenceHoldsPagesUntilItSignals() throws {
         try BrokerHarness.scenario() { h in
         let client = try h.connect()

@@ -98,7 +98,15 @@ extension Broker {
     func createUDmabuf(_ session: ClientSession, _ u: UDmabufRequest) throws -> (Response, [SharedFD]) {
         try Validate.tag(u.tag)
         try Validate.size(u.size, config: config)
-        try admit(session, size: u.size)
+        // The memfd is rounded up to its page size (2 MiB with huge pages): bound and charge what will
+        // really be allocated, not what was asked for.
+        let unit: UInt64 = u.hugePages ? 2 << 20 : UInt64(pageSize)
+        let (sum, overflow) = u.size.addingReportingOverflow(unit - 1)
+        guard !overflow else {
+            throw Refusal(.overflow, .invalidArgument, "size \(u.size) rounded up to \(unit) bytes overflows 64 bits", fix: "ask for less")
+        }
+        try Validate.size(sum / unit * unit, config: config)
+        try admit(session, size: sum / unit * unit)
         guard resolver.chain(for: "udmabuf").first != nil else {
             throw Refusal(.noSuchFileOrDirectory, .noHeap, "udmabuf is not available", fix: "the kernel needs CONFIG_UDMABUF")
         }

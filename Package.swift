@@ -75,17 +75,19 @@ let package = Package(
         // Device tests: run on real dma-heap/udmabuf/vgem (in scripts/vm), skip with a reason elsewhere.
         .executableTarget(
             name: "dmabuf-device-tests",
-            dependencies: ["DmaBuf", "DmaBufWire", "DmaBufClient", "DmaBufDaemon", "CDmaBuf"],
+            dependencies: ["DmaBuf", "DmaBufWire", "DmaBufClient", "DmaBufDaemon", "CDmaBuf", "DmaBufTestSupport"],
             path: "Tests/DeviceTests"
         ),
-        .testTarget(name: "DmaBufTests", dependencies: ["DmaBuf", "CDmaBuf"]),
-        .testTarget(name: "DmaBufWireTests", dependencies: ["DmaBufWire", "DmaBufTypes"]),
-        .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf", "DmaBufTypes", "CDmaBuf"]),
+        // Shared by the tests: the seeded generator every randomized test replays with.
+        .target(name: "DmaBufTestSupport", path: "Tests/Support"),
+        .testTarget(name: "DmaBufTests", dependencies: ["DmaBuf", "CDmaBuf", "DmaBufTestSupport"]),
+        .testTarget(name: "DmaBufWireTests", dependencies: ["DmaBufWire", "DmaBufTypes", "DmaBufTestSupport"]),
+        .testTarget(name: "DmaBufDaemonTests", dependencies: ["DmaBufDaemon", "DmaBufWire", "DmaBuf", "DmaBufTypes", "CDmaBuf", "DmaBufTestSupport"]),
         .testTarget(name: "DmaBufCLITests", dependencies: ["DmaBufCLI", "DmaBufWire"]),
         .testTarget(name: "DmaBufClientTests", dependencies: ["DmaBufClient", "DmaBufWire", "DmaBuf"]),
         // libdmabufd's C codec, built as a C target so its tests compare bytes with DmaBufWire.
         .target(name: "CLibDmabufd", path: "libdmabufd", sources: ["src/wire.c", "src/client.c"], publicHeadersPath: "include",
                 cSettings: [.define("_GNU_SOURCE")]),
-        .testTarget(name: "CLibWireTests", dependencies: ["CLibDmabufd", "DmaBufWire"]),
+        .testTarget(name: "CLibWireTests", dependencies: ["CLibDmabufd", "DmaBufWire", "DmaBufTestSupport"]),
     ]
 )

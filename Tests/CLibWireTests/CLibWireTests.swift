@@ -1,3 +1,4 @@
+import DmaBufTestSupport
 import CLibDmabufd
 import DmaBufWire
 import Testing
@@ -11,17 +12,6 @@ import Glibc
 //  - responses: C encodes the same values to Swift's bytes (C encoder), and C decodes Swift's bytes and
 //    re-encodes them unchanged (C decoder: a dropped or misread field would change the bytes).
 // Values are random (seeded) and include the limits: 255-byte strings, multi-byte UTF-8, empty lists.
-
-struct CLibRNG: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// Memory handed to C structs for one comparison; freed at the end.
 final class CArena {
@@ -51,7 +41,7 @@ func setField<T>(_ field: inout T, _ s: String) {
 
 // MARK: - random values
 
-extension CLibRNG {
+extension SplitMix64 {
     mutating func u64() -> UInt64 { Bool.random(using: &self) ? UInt64.random(in: 0...1000, using: &self) : next() }
     mutating func u32() -> UInt32 { UInt32(truncatingIfNeeded: u64()) }
     mutating func u16() -> UInt16 { UInt16(truncatingIfNeeded: u64()) }
@@ -69,7 +59,7 @@ extension CLibRNG {
     mutating func count(_ max: Int = 4) -> Int { Int.random(in: 0...max, using: &self) }
 }
 
-func randomBuffer(_ g: inout CLibRNG, version: UInt16) -> BufferInfo {
+func randomBuffer(_ g: inout SplitMix64, version: UInt16) -> BufferInfo {
     var b = BufferInfo(id: g.u64(), inode: g.u64(), size: g.u64(), heap: g.string(), tag: g.string(), name: g.string(),
                        ownerUID: g.u32(), ownerPID: Int32(bitPattern: g.u32()), generation: g.u32(), externalReferences: g.u32(),
                        leases: g.u32(), sharedWith: (0..<g.count()).map { _ in g.u32() }, revoked: g.bool(), orphaned: g.bool())
@@ -78,7 +68,7 @@ func randomBuffer(_ g: inout CLibRNG, version: UInt16) -> BufferInfo {
 }
 
 /// Fence accesses are read or write on the wire (DmaBufWire sends readWrite as write, and so does the C API).
-func randomRequests(_ g: inout CLibRNG, version: UInt16) -> [(Request, Int)] {
+func randomRequests(_ g: inout SplitMix64, version: UInt16) -> [(Request, Int)] {
     let v2: [(Request, Int)] = version < 2 ? [] : [
         (.allocate(AllocateRequest(size: g.u64(), heap: g.string(), tag: g.string(), fdFlags: g.u32(), heapFlags: g.u64())), 0),
         (.allocateBatch(AllocateBatchRequest(count: UInt16.random(in: 1...16, using: &g), size: g.u64(), heap: g.string(),
@@ -114,7 +104,7 @@ func randomRequests(_ g: inout CLibRNG, version: UInt16) -> [(Request, Int)] {
     ]
 }
 
-func randomResponses(_ g: inout CLibRNG, version: UInt16) -> [(Response, Int)] {
+func randomResponses(_ g: inout SplitMix64, version: UInt16) -> [(Response, Int)] {
     let fences = g.bool() ? g.u32() | 1 : 0
     let batch = Int.random(in: 1...16, using: &g)
     let v2: [(Response, Int)] = version < 2 ? [] : [(.buffers((0..<batch).map { _ in randomBuffer(&g, version: version) }), batch)]
@@ -329,7 +319,7 @@ func cReencode(_ bytes: [UInt8], descriptors: Int, version: UInt16 = 1) -> [UInt
 @Suite("libdmabufd codec vs DmaBufWire") struct CLibWireTests {
     @Test("requests: C encodes every type to Swift's bytes, and Swift decodes them back", arguments: [UInt16(1), 2])
     func requests(version: UInt16) throws {
-        var g = CLibRNG(state: 0x1D3A + UInt64(version))
+        var g = SplitMix64(seed: 0x1D3A + UInt64(version))
         var covered = Set<UInt16>()
         for round in 0..<300 {
             for (request, fds) in randomRequests(&g, version: version) {
@@ -348,7 +338,7 @@ func cReencode(_ bytes: [UInt8], descriptors: Int, version: UInt16 = 1) -> [UInt
 
     @Test("responses: C encodes every type to Swift's bytes, and decodes Swift's bytes losslessly", arguments: [UInt16(1), 2])
     func responses(version: UInt16) throws {
-        var g = CLibRNG(state: 0xC11B + UInt64(version))
+        var g = SplitMix64(seed: 0xC11B + UInt64(version))
         var covered = Set<UInt16>()
         for round in 0..<300 {
             for (response, fds) in randomResponses(&g, version: version) {
@@ -366,7 +356,7 @@ func cReencode(_ bytes: [UInt8], descriptors: Int, version: UInt16 = 1) -> [UInt
 
     @Test("what Swift's decoder refuses, C's decoder refuses: truncations and single-byte mutations", arguments: [UInt16(1), 2])
     func malformedAgree(version: UInt16) throws {
-        var g = CLibRNG(state: 0xBAD + UInt64(version))
+        var g = SplitMix64(seed: 0xBAD + UInt64(version))
         for _ in 0..<20 {
             for (response, fds) in randomResponses(&g, version: version) {
                 let bytes = WireMessage.encode(response, requestID: 5, descriptors: fds, version: version)

@@ -6,6 +6,7 @@
 // row prints the median of the per-round ratios and their min–max. Statistics are our own (median,
 // min, max over rounds): ordo-one/benchmark would add little inside a TCG guest whose noise dwarfs its
 // precision.
+import DmaBufTestSupport
 import CDmaBuf
 import DmaBuf
 import DmaBufClient
@@ -299,7 +300,7 @@ enum Bench {
         let runCount = 100_000
         var runs = PageRuns()
         for i in 0..<runCount { runs.append(start: UInt64(i) * 2 + 1_000_000, pages: 1 + UInt64(i % 3)) }
-        var rng = FaultRNG(seed: 0x9A6E)
+        var rng = SplitMix64(seed: 0x9A6E)
         var ratios: [Double] = [], sliceTimes: [Double] = [], scanTimes: [Double] = []
         for round in 0...rounds {
             let queries = (0..<200).map { _ -> Range<UInt64> in

@@ -1,4 +1,5 @@
 // Child processes for the fault and load tests (roles `fault-*`). fd 3 is a socketpair back to the test.
+import DmaBufTestSupport
 import DmaBuf
 import DmaBufClient
 import DmaBufWire
@@ -39,7 +40,7 @@ enum FaultChildren {
     }
 
     static func churn(socketPath: String, seed: UInt64, channel: Channel) throws {
-        var rng = FaultRNG(seed: seed)
+        var rng = SplitMix64(seed: seed)
         var faults = FaultCycles(socketPath: socketPath, seed: rng.next(), useUDmabuf: true, useFences: true)
         var live: [(connection: DmaBufConnection, held: [RemoteBuffer], leases: [LeaseID])] = []
         live.append((try DmaBufConnection(path: socketPath, clientName: "churn"), [], []))
@@ -146,7 +147,7 @@ enum LoadWorker {
         let deadline = ContinuousClock.now + .seconds(seconds)
         let threads = clients.enumerated().map { index, client in
             BackgroundThread { () -> LoadTally in
-                var rng = FaultRNG(seed: seed &+ UInt64(index) &* 0x9E37_79B9)
+                var rng = SplitMix64(seed: seed &+ UInt64(index) &* 0x9E37_79B9)
                 var held: [RemoteBuffer] = []
                 var tally = LoadTally()
                 let connection = client.value

@@ -6,6 +6,7 @@
 // Cycles are seeded (DMABUFD_FAULT_SEED) so that a failing run reproduces, and bounded by a count
 // (DMABUFD_FAULT_CYCLES, default 1000) and a time budget (DMABUFD_FAULT_SECONDS, default 60) so that the
 // test fits a slow emulated machine; `scripts/bench` runs the same cycles 10 000 times as a soak.
+import DmaBufTestSupport
 import DmaBuf
 import DmaBufClient
 import DmaBufWire
@@ -15,17 +16,7 @@ import SystemPackage
 import Glibc
 #endif
 
-/// SplitMix64: small, seedable, the same everywhere, so a failing seed reproduces.
-struct FaultRNG: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+extension SplitMix64 {
     /// True with probability `p`.
     mutating func chance(_ p: Double) -> Bool { Double.random(in: 0..<1, using: &self) < p }
 }
@@ -92,7 +83,7 @@ struct DaemonBooks: CustomStringConvertible {
 /// holding buffers, shared tokens, leases and fences.
 struct FaultCycles {
     let socketPath: String
-    var rng: FaultRNG
+    var rng: SplitMix64
     let useUDmabuf: Bool
     let useFences: Bool
     /// Dma-buf fds kept past their connection, so the daemon must drain them once they are dropped.
@@ -104,7 +95,7 @@ struct FaultCycles {
 
     init(socketPath: String, seed: UInt64, useUDmabuf: Bool, useFences: Bool) {
         self.socketPath = socketPath
-        self.rng = FaultRNG(seed: seed)
+        self.rng = SplitMix64(seed: seed)
         self.useUDmabuf = useUDmabuf
         self.useFences = useFences
     }
@@ -387,7 +378,7 @@ enum FaultTests {
         DeviceTest("fault.kill-9-clients-at-random-points", requires: heapAndUDmabuf) {
             try withDaemon { daemon in
                 let seed = FaultRun.seed
-                var rng = FaultRNG(seed: seed)
+                var rng = SplitMix64(seed: seed)
                 let probe = try daemon.connect("fault-probe")
                 // Round 0 warms up: the baseline is taken after one killed child, so it includes what the
                 // daemon allocates for good on first use.

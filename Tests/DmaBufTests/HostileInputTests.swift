@@ -1,4 +1,5 @@
 // Kernel-layer inputs that come from clients (issue 9): no value a caller passes may trap or wrap.
+import DmaBufTestSupport
 import DmaBuf
 import SystemPackage
 import Testing

@@ -1,3 +1,4 @@
+import DmaBufTestSupport
 import DmaBuf
 import Foundation
 import Testing

@@ -1,3 +1,4 @@
+import DmaBufTestSupport
 import DmaBuf
 import SystemPackage
 import Testing
@@ -18,19 +19,6 @@ func expectDmaBufError<T>(
         #expect(error.description.contains(part), "'\(part)' missing from: \(error)", sourceLocation: sourceLocation)
     }
     return error
-}
-
-/// SplitMix64: a small seeded generator, so randomized tests replay exactly.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
 }
 
 /// A scratch directory under /tmp, removed (with the files it holds, not subdirectories) by `remove()`.

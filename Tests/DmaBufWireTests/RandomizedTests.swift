@@ -1,18 +1,6 @@
+import DmaBufTestSupport
 import DmaBufWire
 import Testing
-
-/// SplitMix64 (Steele, Lea & Flood): a tiny seeded generator, so every run mutates the same way.
-struct SplitMix64: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// What a successful decode must satisfy: the value re-encodes to the canonical form of the input (the
 /// input with the reserved header field zeroed, and the request id zeroed for events), and that decodes

@@ -35,8 +35,8 @@ public protocol KernelBackend: AnyObject {
     func allocate(heap: String, size: UInt64, fdFlags: UInt32, heapFlags: UInt64) throws -> SharedFD
     /// A sealed memfd of the daemon's own, turned into a udmabuf.
     func createUDmabuf(size: UInt64, hugePages: Bool) throws -> DaemonUDmabuf
-    /// A udmabuf over ranges of a client's memfd (already identified as a memfd).
-    func createUDmabuf(memfd: SharedFD, ranges: [(offset: UInt64, size: UInt64)]) throws -> SharedFD
+    /// A udmabuf over ranges of clients' memfds (already identified as memfds), each range naming its own.
+    func createUDmabuf(ranges: [(memfd: SharedFD, offset: UInt64, size: UInt64)]) throws -> SharedFD
     /// `DMA_BUF_SET_NAME`.
     func setName(_ buffer: SharedFD, _ name: String) throws
     /// Size and inode of a dma-buf the broker holds.
@@ -171,8 +171,8 @@ public final class RealKernel: KernelBackend {
         return DaemonUDmabuf(buffer: buffer, memfd: memfd.fd, size: rounded)
     }
 
-    public func createUDmabuf(memfd: SharedFD, ranges: [(offset: UInt64, size: UInt64)]) throws -> SharedFD {
-        let items = ranges.map { udmabuf_create_item(memfd: UInt32(bitPattern: memfd.descriptor.rawValue), __pad: 0, offset: $0.offset, size: $0.size) }
+    public func createUDmabuf(ranges: [(memfd: SharedFD, offset: UInt64, size: UInt64)]) throws -> SharedFD {
+        let items = ranges.map { udmabuf_create_item(memfd: UInt32(bitPattern: $0.memfd.descriptor.rawValue), __pad: 0, offset: $0.offset, size: $0.size) }
         return try create(items: items)
     }
 

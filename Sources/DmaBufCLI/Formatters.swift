@@ -67,6 +67,8 @@ public struct LayoutOutput: Codable, Sendable, Equatable {
     public var firstPage: UInt64
     public var pages: UInt64
     public var runs: [PageRun]
+    /// The pages are one physically contiguous run (a CMA buffer, by construction; v2 daemons only).
+    public var contiguous: Bool
 
     public init(_ layout: Layout, leaseReleased: Bool) {
         buffer = layout.buffer
@@ -78,6 +80,7 @@ public struct LayoutOutput: Codable, Sendable, Equatable {
         firstPage = layout.firstPage
         pages = layout.runs.reduce(0) { $0 + $1.pages }
         runs = layout.runs
+        contiguous = layout.isContiguous
     }
 }
 
@@ -175,6 +178,7 @@ public func format(info b: BufferInfo) -> String {
         ("shared with", b.sharedWith.isEmpty ? "-" : b.sharedWith.map { "uid \($0)" }.joined(separator: ", ")),
         ("state", state(of: b)),
     ] + (b.heap == "udmabuf" ? [("memfd", b.memfdOwnedByDaemon ? "dmabufd's own" : "the client's")] : [])
+        + (b.isContiguous ? [("memory", "physically contiguous (CMA heap, by construction)")] : [])
     let width = fields.map(\.0.count).max()! + 1
     return "buffer \(b.id)\n" + fields.map { name, value in
         "  " + (name + ":").padding(to: width) + " " + printable(value) + "\n"
@@ -187,7 +191,7 @@ public func format(layout: Layout, leaseReleased: Bool) -> String {
     let page = UInt64(layout.pageSize)
     var text = "buffer \(layout.buffer) generation \(layout.generation): \(pages) pages from page \(layout.firstPage)"
         + " in \(layout.runs.count) run\(layout.runs.count == 1 ? "" : "s") of \(layout.kind.name)"
-        + " (page size \(human(bytes: page)))\n"
+        + " (page size \(human(bytes: page)))" + (layout.isContiguous ? ", physically contiguous" : "") + "\n"
     var columns: [TextTable.Column] = [.init("RUN", .right), .init("START", .right), .init("PAGES", .right), .init("BYTES", .right)]
     if layout.kind == .physical { columns.append(.init("ADDRESS")) }
     var table = TextTable(columns)

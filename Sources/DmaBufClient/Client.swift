@@ -97,9 +97,14 @@ public final class DmaBufClient: Sendable {
     }
 
     public func createUDmabuf(memfd: Memfd, ranges: [ByteRange], tag: String = "", flags: UInt32 = 0) async throws -> RemoteBuffer {
-        try Replies.requireV2(version, unless: flags == 0, "udmabuf flags")
+        try await createUDmabuf(memfds: [memfd], ranges: ranges, tag: tag, flags: flags)
+    }
+
+    /// Ranges of several memfds (1...16), each range's `memfd` an index into `memfds`; more than one needs v2.
+    public func createUDmabuf(memfds: [Memfd], ranges: [ByteRange], tag: String = "", flags: UInt32 = 0) async throws -> RemoteBuffer {
+        try Replies.checkMemfds(memfds.count, ranges: ranges, version: version, flags: flags)
         let request = UDmabufFromMemfdRequest(ranges: ranges, tag: tag, flags: flags)
-        return try Replies.buffer(await call(.createUDmabufFromMemfd(request), fds: [memfd.fd]))
+        return try Replies.buffer(await call(.createUDmabufFromMemfd(request), fds: memfds.map(\.fd)))
     }
 
     public func importBuffer(_ buffer: DmaBuffer, tag: String = "") async throws -> BufferInfo {

@@ -234,9 +234,15 @@ public final class DmaBufConnection {
     /// Makes a udmabuf over ranges of the caller's memfd (which stays the caller's). `flags`
     /// (``UDmabufFlags``) need protocol v2 unless 0.
     public func createUDmabuf(memfd: Memfd, ranges: [ByteRange], tag: String = "", flags: UInt32 = 0) throws -> RemoteBuffer {
-        try Replies.requireV2(version, unless: flags == 0, "udmabuf flags")
+        try createUDmabuf(memfds: [memfd], ranges: ranges, tag: tag, flags: flags)
+    }
+
+    /// Makes a udmabuf over ranges of several of the caller's memfds (1...16), as `UDMABUF_CREATE_LIST`
+    /// does: each range's `memfd` is an index into `memfds`. More than one memfd needs protocol v2.
+    public func createUDmabuf(memfds: [Memfd], ranges: [ByteRange], tag: String = "", flags: UInt32 = 0) throws -> RemoteBuffer {
+        try Replies.checkMemfds(memfds.count, ranges: ranges, version: version, flags: flags)
         return try Replies.buffer(call(.createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: ranges, tag: tag, flags: flags)),
-                               fds: [memfd.fd.descriptor]))
+                               fds: memfds.map(\.fd.descriptor)))
     }
 
     /// Hands the daemon a reference to a dma-buf made elsewhere, so it is named and accounted.

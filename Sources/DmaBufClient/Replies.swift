@@ -49,6 +49,15 @@ enum Replies {
                                     fdFlags: fdFlags, heapFlags: heapFlags)
     }
 
+    /// `create_udmabuf_from_memfd`: 1...16 memfds, every range naming one; flags and several memfds need v2.
+    static func checkMemfds(_ count: Int, ranges: [ByteRange], version: UInt16, flags: UInt32) throws {
+        try requireV2(version, unless: flags == 0, "udmabuf flags")
+        try requireV2(version, unless: count == 1 && ranges.allSatisfy { $0.memfd == 0 }, "a udmabuf over several memfds")
+        guard (1...WireLimits.maximumDescriptors).contains(count), ranges.allSatisfy({ Int($0.memfd) < count }) else {
+            throw DmaBufClientError(.unsupported, "a udmabuf takes 1...\(WireLimits.maximumDescriptors) memfds, and each range's memfd must index one of the \(count) given")
+        }
+    }
+
     /// Throws ``DmaBufClientError/Kind/unsupported`` when `what` needs v2 and `version` is older, unless `fine`.
     static func requireV2(_ version: UInt16, unless fine: Bool, _ what: String) throws {
         guard !fine, version < 2 else { return }

@@ -87,7 +87,9 @@ extension Broker {
         switch target {
         case .heap(let name):
             let fd = try kernel.allocate(heap: name, size: size, fdFlags: fdFlags, heapFlags: 0)
-            return try register(fd, session: session, heap: logical, tag: tag)
+            let record = try register(fd, session: session, heap: logical, tag: tag)
+            record.contiguous = resolver.isCMA(logical)
+            return record
         case .udmabuf:
             let made = try kernel.createUDmabuf(size: size, hugePages: false)
             return try register(made.buffer, session: session, heap: logical, tag: tag, memfd: made.memfd, ownedMemfd: true,
@@ -116,20 +118,28 @@ extension Broker {
         return (.buffer(info(record, for: session)), [record.fd])
     }
 
-    func createUDmabuf(_ session: ClientSession, _ u: UDmabufFromMemfdRequest, memfd: SharedFD) throws -> (Response, [SharedFD]) {
+    /// A udmabuf over the client's memfds (one in v1; in v2 each range names one of the message's fds, as
+    /// `UDMABUF_CREATE_LIST` names a memfd per entry). Seals and bounds are the kernel's to refuse, with its errno.
+    func createUDmabuf(_ session: ClientSession, _ u: UDmabufFromMemfdRequest, memfds: [SharedFD]) throws -> (Response, [SharedFD]) {
         try Validate.tag(u.tag)
         guard u.flags & ~UDmabufFlags.valid == 0 else {
             throw Refusal(.invalidArgument, .invalidArgument, "udmabuf flags 0x\(String(u.flags, radix: 16)) are not supported", fix: "use UDMABUF_FLAGS_CLOEXEC (0x01) or 0")
         }
         let total = try Validate.memfdRanges(u.ranges, config: config, limits: kernel.udmabufLimits())
-        guard kernel.kind(of: memfd) == .memfd else {
-            throw Refusal(.invalidArgument, .invalidArgument, "the fd is not a memfd", fix: "send a memfd_create() descriptor with F_SEAL_SHRINK")
+        for (i, memfd) in memfds.enumerated() where kernel.kind(of: memfd) != .memfd {
+            throw Refusal(.badFileDescriptorState, .invalidArgument, "fd \(i) of the message is not a memfd",
+                          fix: "send memfd_create() descriptors with F_SEAL_SHRINK")
+        }
+        guard u.ranges.allSatisfy({ Int($0.memfd) < memfds.count }) else {
+            throw Refusal(.badFileDescriptor, .invalidArgument, "a range names a memfd the message does not carry")
         }
         try admit(session, size: total)
-        let pairs = u.ranges.map { (offset: $0.offset, size: $0.size) }
-        let fd = try kernel.createUDmabuf(memfd: memfd, ranges: pairs)
-        let record = try register(fd, session: session, heap: "udmabuf", tag: u.tag, memfd: memfd, ownedMemfd: false,
-                                  runs: PageRuns(memfdRanges: pairs))
+        let fd = try kernel.createUDmabuf(ranges: u.ranges.map { (memfds[Int($0.memfd)], $0.offset, $0.size) })
+        // Memfd page runs are only meaningful within one memfd; over several the layout counts buffer pages.
+        let used = Set(u.ranges.map(\.memfd))
+        let single = used.count == 1 ? memfds[Int(used.first!)] : nil
+        let record = try register(fd, session: session, heap: "udmabuf", tag: u.tag, memfd: single, ownedMemfd: false,
+                                  runs: single == nil ? nil : PageRuns(memfdRanges: u.ranges.map { ($0.offset, $0.size) }))
         return (.buffer(info(record, for: session)), [record.fd])
     }
 

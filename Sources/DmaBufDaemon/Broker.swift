@@ -173,7 +173,7 @@ public final class Broker: @unchecked Sendable {
         case .allocateBatch(let b): return try allocateBatch(session, b)
         case .releaseQuiet(let ids): releaseQuiet(session, ids); return (nil, [])
         case .createUDmabuf(let u): return try createUDmabuf(session, u)
-        case .createUDmabufFromMemfd(let u): return try createUDmabuf(session, u, memfd: fds[0])
+        case .createUDmabufFromMemfd(let u): return try createUDmabuf(session, u, memfds: fds)
         case .importBuffer(let tag): return try importBuffer(session, tag: tag, fd: fds[0])
         case .share(let s): return (.share(try share(session, s)), [])
         case .fetch(let f): return try fetch(session, f)

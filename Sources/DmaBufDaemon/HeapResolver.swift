@@ -75,6 +75,12 @@ public struct HeapResolver: Sendable {
         return targets[name].map { [(name, $0)] } ?? []
     }
 
+    /// True when the logical or kernel heap name `name` is a CMA heap, whose buffers are physically contiguous.
+    public func isCMA(_ name: String) -> Bool {
+        guard case .heap(let kernelName) = targets[name] else { return false }
+        return heaps.contains { $0.kind == "cma" && $0.device == "\(heapDirectory)/\(kernelName)" }
+    }
+
     /// True when `name` is a policy rather than a heap.
     public func isPolicy(_ name: String) -> Bool { policies[name] != nil }
 }

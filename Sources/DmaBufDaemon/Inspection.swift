@@ -67,7 +67,8 @@ extension Broker {
                    externalReferences: references ? UInt32(clamping: externalReferences(record) ?? 0) : 0,
                    leases: UInt32(clamping: record.leases.count),
                    sharedWith: record.sharedWith.sorted(), revoked: record.revoked, orphaned: record.ownerSession == nil,
-                   cgroup: Validate.cgroupField(record.ownerCgroup), memfdOwnedByDaemon: record.memfdOwnedByDaemon)
+                   cgroup: Validate.cgroupField(record.ownerCgroup), memfdOwnedByDaemon: record.memfdOwnedByDaemon,
+                   flags: record.contiguous ? BufferFlags.contiguous : 0)
     }
 
     /// References to the buffer's file outside the daemon: fdinfo's first `count` less the daemon's own

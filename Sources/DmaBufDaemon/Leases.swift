@@ -24,8 +24,10 @@ extension Broker {
         record.leases.insert(lease.id)
         session.leases.insert(lease.id)
         perUID[session.uid, default: UIDCounts()].leases += 1
+        // Contiguous: a CMA buffer by construction, or PFNs measured as one run. Never an invented address.
+        let contiguous = record.contiguous || (kind == .physical && runs.count == 1)
         return Layout(buffer: record.id, lease: lease.id, generation: record.generation, kind: kind, pageSize: UInt32(pageSize),
-                      firstPage: range.lowerBound, runs: Array(runs))
+                      firstPage: range.lowerBound, runs: Array(runs), flags: contiguous ? BufferFlags.contiguous : 0)
     }
 
     private func runs(of record: BufferRecord, range: Range<UInt64>, physical: Bool, session: ClientSession) throws -> (RunKind, PageRuns) {

@@ -143,6 +143,7 @@ extension Broker {
             record.generation = meta.generation
             record.sharedWith = meta.shared
             perUID[meta.uid, default: UIDCounts()].shares += meta.shared.count
+            record.contiguous = resolver.isCMA(meta.heap)
             record.restored = true
             record.stored = true
             fdStore.adopted()

@@ -67,6 +67,8 @@ final class BufferRecord {
     /// True when that memfd was made by dmabufd and never left it: only then are its pages the buffer's
     /// for good (a client can punch holes in its own memfd), so only then are PFNs published.
     var memfdOwnedByDaemon = false
+    /// From a CMA heap: physically contiguous by construction (`cma_alloc` returns one run of pages).
+    var contiguous = false
     /// Page indices of that memfd, in buffer order.
     var memfdRuns: PageRuns?
     /// Physical runs, read once on first authorised request.

@@ -67,7 +67,8 @@ public enum WireMessage {
     /// The fds a request of `type` must carry.
     public static func descriptorRange(of type: MessageType) -> ClosedRange<Int> {
         switch type {
-        case .createUDmabufFromMemfd, .importBuffer, .attachFence: 1...1
+        case .importBuffer, .attachFence: 1...1
+        case .createUDmabufFromMemfd: 1...WireLimits.maximumDescriptors  // exactly 1 in v1 (checked when decoding)
         case .releaseLease: 0...1
         case .bufferReply: 1...1
         case .accessReply: 0...1
@@ -97,7 +98,10 @@ public enum WireMessage {
             case .createUDmabuf(let u):
                 w.u64(u.size); w.string(u.tag); w.bool(u.hugePages)
             case .createUDmabufFromMemfd(let u):
-                w.array(u.ranges) { w, r in w.u64(r.offset); w.u64(r.size) }
+                w.array(u.ranges) { w, r in
+                    w.u64(r.offset); w.u64(r.size)
+                    if version >= 2 { w.u8(r.memfd) }
+                }
                 w.string(u.tag)
                 if version >= 2 { w.u32(u.flags) }
             case .importBuffer(let tag):
@@ -132,14 +136,14 @@ public enum WireMessage {
             throw .wrongDescriptorCount(type: "\(type)", expected: expected, actual: descriptors)
         }
         let request: Request
-        if let allocation = try decodeAllocation(type, &r, version: header.version) { request = allocation } else { request = try decodeOther(type, &r) }
+        if let allocation = try decodeAllocation(type, &r, version: header.version, descriptors: descriptors) { request = allocation } else { request = try decodeOther(type, &r) }
         try r.finish()
         header.type = type.rawValue
         return (header, request)
     }
 
     /// The requests that make buffers or drop them, whose payloads differ between versions; nil for others.
-    static func decodeAllocation(_ type: MessageType, _ r: inout WireReader, version: UInt16) throws(WireDecodingError) -> Request? {
+    static func decodeAllocation(_ type: MessageType, _ r: inout WireReader, version: UInt16, descriptors: Int) throws(WireDecodingError) -> Request? {
         switch type {
         case .allocate:
             let size = try r.u64("size"), heap = try r.string("heap"), tag = try r.string("tag")
@@ -158,13 +162,7 @@ public enum WireMessage {
             return .allocateBatch(AllocateBatchRequest(count: count, size: try r.u64("size"), heap: try r.string("heap"), tag: try r.string("tag"),
                                                        fdFlags: try r.u32("fd_flags"), heapFlags: try r.u64("heap_flags")))
         case .createUDmabufFromMemfd:
-            let ranges = try r.array("ranges", limit: WireLimits.maximumListEntries, minimumElementSize: 16) { (r: inout WireReader) throws(WireDecodingError) in
-                ByteRange(offset: try r.u64("offset"), size: try r.u64("size"))
-            }
-            let tag = try r.string("tag")
-            var flags: UInt32 = 0
-            if version >= 2 { flags = try r.u32("flags") }
-            return .createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: ranges, tag: tag, flags: flags))
+            return .createUDmabufFromMemfd(try decodeMemfdRanges(&r, version: version, descriptors: descriptors))
         case .releaseQuiet:
             let ids = try r.array("buffers", limit: WireLimits.maximumListEntries, minimumElementSize: 8) { (r: inout WireReader) throws(WireDecodingError) in
                 try r.u64("buffer")
@@ -174,6 +172,24 @@ public enum WireMessage {
         default:
             return nil
         }
+    }
+
+    /// v1: one memfd. v2: up to 16, and every range's `memfd` index must name one of them.
+    static func decodeMemfdRanges(_ r: inout WireReader, version: UInt16, descriptors: Int) throws(WireDecodingError) -> UDmabufFromMemfdRequest {
+        guard version >= 2 || descriptors == 1 else {
+            throw .wrongDescriptorCount(type: "createUDmabufFromMemfd", expected: 1...1, actual: descriptors)
+        }
+        let ranges = try r.array("ranges", limit: WireLimits.maximumListEntries, minimumElementSize: version >= 2 ? 17 : 16) {
+            (r: inout WireReader) throws(WireDecodingError) in
+            var range = ByteRange(offset: try r.u64("offset"), size: try r.u64("size"))
+            if version >= 2 {
+                range.memfd = try r.u8("memfd")
+                guard Int(range.memfd) < descriptors else { throw .invalidValue(field: "memfd", value: UInt64(range.memfd)) }
+            }
+            return range
+        }
+        let tag = try r.string("tag")
+        return UDmabufFromMemfdRequest(ranges: ranges, tag: tag, flags: try version >= 2 ? r.u32("flags") : 0)
     }
 
     /// The requests whose payloads are the same in every version.
@@ -237,6 +253,7 @@ public enum WireMessage {
             case .layout(let l):
                 w.u64(l.buffer); w.u64(l.lease); w.u32(l.generation); w.u8(l.kind.rawValue); w.u32(l.pageSize); w.u64(l.firstPage)
                 w.array(l.runs) { w, run in w.u64(run.start); w.u64(run.pages) }
+                if version >= 2 { w.u32(l.flags) }
             case .access(let a):
                 w.u32(a.fences)
             case .error(let e):
@@ -285,11 +302,11 @@ public enum WireMessage {
         w.u32(b.ownerUID); w.i32(b.ownerPID); w.u32(b.generation); w.u32(b.externalReferences); w.u32(b.leases)
         w.array(b.sharedWith) { w, uid in w.u32(uid) }
         w.bool(b.revoked); w.bool(b.orphaned)
-        if version >= 2 { w.string(b.cgroup); w.bool(b.memfdOwnedByDaemon) }
+        if version >= 2 { w.string(b.cgroup); w.bool(b.memfdOwnedByDaemon); w.u32(b.flags) }
     }
 
     /// The fewest bytes one encoded buffer_info takes in `version`.
-    static func minimumBufferSize(_ version: UInt16) -> Int { version >= 2 ? 53 : 50 }
+    static func minimumBufferSize(_ version: UInt16) -> Int { version >= 2 ? 57 : 50 }
 
     static func decodeBuffer(_ r: inout WireReader, version: UInt16) throws(WireDecodingError) -> BufferInfo {
         var info = BufferInfo(
@@ -303,6 +320,7 @@ public enum WireMessage {
         if version >= 2 {
             info.cgroup = try r.string("cgroup")
             info.memfdOwnedByDaemon = try r.bool("memfd_owned_by_daemon")
+            info.flags = try r.u32("flags")
         }
         return info
     }
@@ -406,7 +424,7 @@ public enum WireMessage {
             return .share(ShareReply(token: try r.optional("token") { (r: inout WireReader) throws(WireDecodingError) in try r.u64("token") }))
         case .okReply: return .ok
         case .listReply: return .list(try decodeBuffers(&r, version: version), more: try r.bool("more"))
-        case .layoutReply: return .layout(try decodeLayout(&r))
+        case .layoutReply: return .layout(try decodeLayout(&r, version: version))
         case .accessReply:
             let fences = try r.u32("fences")
             guard (fences > 0) == (descriptors == 1) else {
@@ -427,14 +445,15 @@ public enum WireMessage {
         }
     }
 
-    static func decodeLayout(_ r: inout WireReader) throws(WireDecodingError) -> Layout {
+    static func decodeLayout(_ r: inout WireReader, version: UInt16) throws(WireDecodingError) -> Layout {
         let buffer = try r.u64("buffer"), lease = try r.u64("lease"), generation = try r.u32("generation")
         let kind = try r.enumeration("kind", as: RunKind.self)
         let pageSize = try r.u32("page_size"), firstPage = try r.u64("first_page")
         let runs = try r.array("runs", limit: WireLimits.maximumListEntries, minimumElementSize: 16) { (r: inout WireReader) throws(WireDecodingError) in
             PageRun(start: try r.u64("start"), pages: try r.u64("pages"))
         }
-        return Layout(buffer: buffer, lease: lease, generation: generation, kind: kind, pageSize: pageSize, firstPage: firstPage, runs: runs)
+        return Layout(buffer: buffer, lease: lease, generation: generation, kind: kind, pageSize: pageSize, firstPage: firstPage, runs: runs,
+                      flags: try version >= 2 ? r.u32("flags") : 0)
     }
 }
 

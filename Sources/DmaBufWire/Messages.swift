@@ -100,7 +100,17 @@ public typealias LeaseID = UInt64
 public struct ByteRange: Sendable, Hashable, Codable {
     public var offset: UInt64
     public var size: UInt64
-    public init(offset: UInt64, size: UInt64) { self.offset = offset; self.size = size }
+    /// v2: which of the message's fds holds the range (0 = the first), as `UDMABUF_CREATE_LIST` names a
+    /// memfd per entry. Always 0 in v1, which carries one memfd.
+    public var memfd: UInt8
+    public init(offset: UInt64, size: UInt64, memfd: UInt8 = 0) { self.offset = offset; self.size = size; self.memfd = memfd }
+}
+
+/// v2 `flags` of `buffer_info` and of the `layout` reply.
+public enum BufferFlags {
+    /// The memory is one physically contiguous run: by construction for a buffer from a CMA heap
+    /// (`cma_alloc` hands out one run), or measured for a physical layout of one run. No address is implied.
+    public static let contiguous: UInt32 = 0x01
 }
 
 /// What a layout's run numbers count.
@@ -280,14 +290,20 @@ public struct BufferInfo: Sendable, Equatable, Codable {
     public var cgroup: String
     /// v2: the memfd behind this udmabuf never left dmabufd (false for heap buffers and client memfds).
     public var memfdOwnedByDaemon: Bool
+    /// v2: ``BufferFlags`` bits; receivers ignore bits they do not know. 0 in v1.
+    public var flags: UInt32
     public init(id: BufferID, inode: UInt64, size: UInt64, heap: String, tag: String, name: String, ownerUID: UInt32,
                 ownerPID: Int32, generation: UInt32, externalReferences: UInt32, leases: UInt32, sharedWith: [UInt32],
-                revoked: Bool, orphaned: Bool, cgroup: String = "", memfdOwnedByDaemon: Bool = false) {
+                revoked: Bool, orphaned: Bool, cgroup: String = "", memfdOwnedByDaemon: Bool = false, flags: UInt32 = 0) {
         self.id = id; self.inode = inode; self.size = size; self.heap = heap; self.tag = tag; self.name = name
         self.ownerUID = ownerUID; self.ownerPID = ownerPID; self.generation = generation
         self.externalReferences = externalReferences; self.leases = leases; self.sharedWith = sharedWith
         self.revoked = revoked; self.orphaned = orphaned; self.cgroup = cgroup; self.memfdOwnedByDaemon = memfdOwnedByDaemon
+        self.flags = flags
     }
+
+    /// v2: physically contiguous by construction (a CMA heap's buffer).
+    public var isContiguous: Bool { flags & BufferFlags.contiguous != 0 }
 }
 
 public struct HeapStats: Sendable, Equatable, Codable {
@@ -374,10 +390,16 @@ public struct Layout: Sendable, Equatable, Codable {
     public var pageSize: UInt32
     public var firstPage: UInt64
     public var runs: [PageRun]
-    public init(buffer: BufferID, lease: LeaseID, generation: UInt32, kind: RunKind, pageSize: UInt32, firstPage: UInt64, runs: [PageRun]) {
+    /// v2: ``BufferFlags`` bits for the published pages; receivers ignore bits they do not know. 0 in v1.
+    public var flags: UInt32
+    public init(buffer: BufferID, lease: LeaseID, generation: UInt32, kind: RunKind, pageSize: UInt32, firstPage: UInt64, runs: [PageRun],
+                flags: UInt32 = 0) {
         self.buffer = buffer; self.lease = lease; self.generation = generation; self.kind = kind
-        self.pageSize = pageSize; self.firstPage = firstPage; self.runs = runs
+        self.pageSize = pageSize; self.firstPage = firstPage; self.runs = runs; self.flags = flags
     }
+
+    /// v2: the published pages are one physically contiguous run (the runs themselves count what `kind` says).
+    public var isContiguous: Bool { flags & BufferFlags.contiguous != 0 }
 }
 
 public struct FenceAttachRequest: Sendable, Equatable {
@@ -444,7 +466,7 @@ public enum Request: Sendable, Equatable {
     case listHeaps
     case allocate(AllocateRequest)
     case createUDmabuf(UDmabufRequest)
-    /// Carries one fd: the client's memfd.
+    /// Carries one fd, the client's memfd; in v2 1...16 memfds, each range naming its own by index.
     case createUDmabufFromMemfd(UDmabufFromMemfdRequest)
     /// Carries one fd: the dma-buf to import. The string is the tag.
     case importBuffer(tag: String)

@@ -63,7 +63,7 @@ func randomBuffer(_ g: inout SplitMix64, version: UInt16) -> BufferInfo {
     var b = BufferInfo(id: g.u64(), inode: g.u64(), size: g.u64(), heap: g.string(), tag: g.string(), name: g.string(),
                        ownerUID: g.u32(), ownerPID: Int32(bitPattern: g.u32()), generation: g.u32(), externalReferences: g.u32(),
                        leases: g.u32(), sharedWith: (0..<g.count()).map { _ in g.u32() }, revoked: g.bool(), orphaned: g.bool())
-    if version >= 2 { b.cgroup = g.string(); b.memfdOwnedByDaemon = g.bool() }
+    if version >= 2 { b.cgroup = g.string(); b.memfdOwnedByDaemon = g.bool(); b.flags = g.bool() ? BufferFlags.contiguous : g.u32() }
     return b
 }
 
@@ -74,8 +74,12 @@ func randomRequests(_ g: inout SplitMix64, version: UInt16) -> [(Request, Int)] 
         (.allocateBatch(AllocateBatchRequest(count: UInt16.random(in: 1...16, using: &g), size: g.u64(), heap: g.string(),
                                              tag: g.string(), fdFlags: g.u32(), heapFlags: g.u64())), 0),
         (.releaseQuiet((0..<Int.random(in: 1...5, using: &g)).map { _ in g.u64() }), 0),
-        (.createUDmabufFromMemfd(UDmabufFromMemfdRequest(
-            ranges: (0..<g.count()).map { _ in ByteRange(offset: g.u64(), size: g.u64()) }, tag: g.string(), flags: g.u32())), 1),
+        {
+            let fds = Int.random(in: 1...16, using: &g)
+            return (.createUDmabufFromMemfd(UDmabufFromMemfdRequest(
+                ranges: (0..<g.count()).map { _ in ByteRange(offset: g.u64(), size: g.u64(), memfd: UInt8.random(in: 0..<UInt8(fds), using: &g)) },
+                tag: g.string(), flags: g.u32())), fds)
+        }(),
     ]
     let v1: [(Request, Int)] = version >= 2 ? [] : [
         (.allocate(AllocateRequest(size: g.u64(), heap: g.string(), tag: g.string(),
@@ -135,7 +139,8 @@ func randomResponses(_ g: inout SplitMix64, version: UInt16) -> [(Response, Int)
                 CgroupStats(cgroup: g.string(), bytes: g.u64(), buffers: g.u32(), quotaBytes: g.u64(), refusals: g.u32())
             })), 0),
         (.layout(Layout(buffer: g.u64(), lease: g.u64(), generation: g.u32(), kind: RunKind.allCases.randomElement(using: &g)!,
-                        pageSize: g.u32(), firstPage: g.u64(), runs: (0..<g.count()).map { _ in PageRun(start: g.u64(), pages: g.u64()) })), 0),
+                        pageSize: g.u32(), firstPage: g.u64(), runs: (0..<g.count()).map { _ in PageRun(start: g.u64(), pages: g.u64()) },
+                        flags: version >= 2 ? g.u32() : 0)), 0),
         (.access(AccessReply(fences: fences)), fences > 0 ? 1 : 0),
         (.error(WireError(errno: Int32(bitPattern: g.u32()), code: WireError.Code(rawValue: UInt16.random(in: 1...12, using: &g))!,
                           message: g.string())), 0),
@@ -167,7 +172,7 @@ func cRequest(_ request: Request, _ a: CArena) -> dbw_request {
     case .createUDmabuf(let r): q.size = r.size; q.tag = a.string(r.tag); q.huge_pages = r.hugePages
     case .createUDmabufFromMemfd(let r):
         let ranges = a.alloc(r.ranges.count, dmabufd_range.self)
-        for (i, range) in r.ranges.enumerated() { ranges[i] = dmabufd_range(offset: range.offset, size: range.size) }
+        for (i, range) in r.ranges.enumerated() { ranges[i] = dmabufd_range(offset: range.offset, size: range.size, memfd: UInt32(range.memfd)) }
         q.ranges = UnsafePointer(ranges); q.range_count = UInt32(r.ranges.count); q.tag = a.string(r.tag); q.flags = r.flags
     case .importBuffer(let tag): q.tag = a.string(tag)
     case .share(let s): q.buffer = s.buffer; q.has_uid = s.uid != nil; q.uid = s.uid ?? 0; q.one_time_token = s.oneTimeToken
@@ -193,7 +198,7 @@ func cBuffer(_ b: BufferInfo, _ a: CArena) -> dmabufd_buffer_info {
     for (i, uid) in b.sharedWith.enumerated() { shared[i] = uid }
     c.shared_with = shared; c.shared_with_count = UInt32(b.sharedWith.count)
     c.revoked = b.revoked; c.orphaned = b.orphaned
-    setField(&c.cgroup, b.cgroup); c.memfd_owned_by_daemon = b.memfdOwnedByDaemon
+    setField(&c.cgroup, b.cgroup); c.memfd_owned_by_daemon = b.memfdOwnedByDaemon; c.flags = b.flags
     return c
 }
 
@@ -279,7 +284,7 @@ func cResponse(_ response: Response, requestID: UInt32, descriptors: Int, _ a: C
         let runs = a.alloc(l.runs.count, dmabufd_page_run.self)
         for (i, run) in l.runs.enumerated() { runs[i] = dmabufd_page_run(start: run.start, pages: run.pages) }
         p.pointee = dmabufd_layout(buffer: l.buffer, lease: l.lease, generation: l.generation, kind: l.kind.rawValue,
-                                   page_size: l.pageSize, first_page: l.firstPage, run_count: UInt32(l.runs.count), runs: runs)
+                                   page_size: l.pageSize, first_page: l.firstPage, run_count: UInt32(l.runs.count), runs: runs, flags: l.flags)
         r.object = UnsafeMutableRawPointer(p)
     case .access(let x): r.fences = x.fences
     case .error(let e): r.error_errno = e.errno; r.error_code = e.code.rawValue; setField(&r.error_message, e.message)

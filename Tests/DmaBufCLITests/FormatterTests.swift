@@ -117,6 +117,19 @@ struct FormatterTests {
             """)
     }
 
+    @Test func contiguousIsSaidNeverAddressed() {
+        var layout = Fixtures.layout
+        layout.runs = [PageRun(start: 0, pages: 4096)]
+        layout.flags = BufferFlags.contiguous
+        let text = format(layout: layout, leaseReleased: true)
+        #expect(text.hasPrefix("buffer 7 generation 1: 4096 pages from page 0 in 1 run of buffer-pages (page size 4 KiB), physically contiguous\n"))
+        #expect(!text.contains("ADDRESS"))
+        var info = Fixtures.buffer
+        info.flags = BufferFlags.contiguous
+        #expect(format(info: info).contains("memory:") && format(info: info).contains("physically contiguous (CMA heap, by construction)"))
+        #expect(!format(info: Fixtures.buffer).contains("contiguous"))
+    }
+
     @Test func physicalLayoutShowsAddresses() {
         var layout = Fixtures.layout
         layout.kind = .physical

@@ -10,7 +10,7 @@ struct JSONOutputTests {
         let object = try jsonObject(try encodeJSON(Fixtures.buffer))
         #expect(Set(object.keys) == [
             "id", "inode", "size", "heap", "tag", "name", "ownerUID", "ownerPID", "generation", "externalReferences", "leases",
-            "sharedWith", "revoked", "orphaned", "cgroup", "memfdOwnedByDaemon",
+            "sharedWith", "revoked", "orphaned", "cgroup", "memfdOwnedByDaemon", "flags",
         ])
         #expect(object["id"] as? Int == 7)
         #expect(object["size"] as? Int == 4 << 20)
@@ -52,7 +52,8 @@ struct JSONOutputTests {
 
     @Test func layoutUsesKindNames() throws {
         let object = try jsonObject(try encodeJSON(LayoutOutput(Fixtures.layout, leaseReleased: true)))
-        #expect(Set(object.keys) == ["buffer", "lease", "leaseReleased", "generation", "kind", "pageSize", "firstPage", "pages", "runs"])
+        #expect(Set(object.keys) == ["buffer", "lease", "leaseReleased", "generation", "kind", "pageSize", "firstPage", "pages", "runs", "contiguous"])
+        #expect(object["contiguous"] as? Bool == false)
         #expect(object["kind"] as? String == "buffer-pages")
         #expect(object["pages"] as? Int == 272)
         #expect(object["leaseReleased"] as? Bool == true)

@@ -55,7 +55,7 @@ struct BoundsTests {
             try client.expectRefusal(ranges([ByteRange(offset: 1, size: 4096)]), fds: [memfd], .invalidArgument, .invalidArgument, "not page-aligned")
             try client.expectRefusal(ranges([ByteRange(offset: 0, size: 0)]), fds: [memfd], .invalidArgument, .invalidArgument)
             let pipeEnds = try pipePair()
-            try client.expectRefusal(ranges([ByteRange(offset: 0, size: 4096)]), fds: [pipeEnds.0], .invalidArgument, .invalidArgument, "not a memfd")
+            try client.expectRefusal(ranges([ByteRange(offset: 0, size: 4096)]), fds: [pipeEnds.0], .badFileDescriptorState, .invalidArgument, "not a memfd")
             h.kernel.limits = UDmabuf.Limits(sizeLimitMB: 64, listLimit: 2)
             try client.expectRefusal(ranges(Array(repeating: ByteRange(offset: 0, size: 4096), count: 3)), fds: [memfd], .invalidArgument, .invalidArgument, "list_limit")
             h.kernel.limits = UDmabuf.Limits(sizeLimitMB: 0, listLimit: 1024)

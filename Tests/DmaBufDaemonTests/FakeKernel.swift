@@ -45,7 +45,7 @@ final class FakeKernel: KernelBackend {
         return DaemonUDmabuf(buffer: try FakeKernel.makeBuffer(size: rounded), memfd: memfd.fd, size: rounded)
     }
 
-    func createUDmabuf(memfd: SharedFD, ranges: [(offset: UInt64, size: UInt64)]) throws -> SharedFD {
+    func createUDmabuf(ranges: [(memfd: SharedFD, offset: UInt64, size: UInt64)]) throws -> SharedFD {
         try FakeKernel.makeBuffer(size: ranges.reduce(0) { $0 + $1.size })
     }
 

@@ -51,6 +51,10 @@ let requestSamples: [Sample<Request>] = [
     Sample(label: "create-udmabuf-from-memfd-v2",
            message: .createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: [ByteRange(offset: 4096, size: 4096)], tag: "m",
                                                                     flags: UDmabufFlags.closeOnExec)), descriptors: 1, version: 2),
+    Sample(label: "create-udmabuf-from-memfds-v2",
+           message: .createUDmabufFromMemfd(UDmabufFromMemfdRequest(
+               ranges: [ByteRange(offset: 0, size: 4096, memfd: 1), ByteRange(offset: 4096, size: 8192), ByteRange(offset: 0, size: 4096, memfd: 1)],
+               tag: "list")), descriptors: 2, version: 2),
     Sample(label: "allocate-batch-v2", message: .allocateBatch(AllocateBatchRequest(count: 16, size: 4096, heap: "system", tag: "pool",
                                                                                    fdFlags: FDFlags.default)), descriptors: 0, version: 2),
     Sample(label: "allocate-batch-one-v2", message: .allocateBatch(AllocateBatchRequest(count: 1, size: .max, heap: "", tag: "é",
@@ -67,6 +71,7 @@ let sampleBufferV2: BufferInfo = {
     var b = sampleBuffer
     b.cgroup = "/user.slice/user-1000.slice/session-2.scope"
     b.memfdOwnedByDaemon = true
+    b.flags = BufferFlags.contiguous
     return b
 }()
 
@@ -129,6 +134,9 @@ let responseSamples: [Sample<Response>] = [
     Sample(label: "buffer-reply-v2", message: .buffer(sampleBufferV2), descriptors: 1, version: 2),
     Sample(label: "buffers-reply-v2", message: .buffers([sampleBufferV2, sampleBuffer]), descriptors: 2, version: 2),
     Sample(label: "list-reply-v2", message: .list([sampleBufferV2], more: true), descriptors: 0, version: 2),
+    Sample(label: "layout-reply-contiguous-v2", message: .layout(Layout(
+        buffer: 5, lease: 79, generation: 1, kind: .bufferPages, pageSize: 4096, firstPage: 0, runs: [PageRun(start: 0, pages: 4096)],
+        flags: BufferFlags.contiguous)), descriptors: 0, version: 2),
     Sample(label: "stats-reply-v2", message: .stats(sampleStatsV2), descriptors: 0, version: 2),
     Sample(label: "error-reply-v2", message: .error(WireError(errno: 22, code: .invalidArgument, message: "fd_flags 0x40 (EINVAL)")),
            descriptors: 0, version: 2),

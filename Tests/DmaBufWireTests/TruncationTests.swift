@@ -54,7 +54,8 @@ func layout(of request: Request, version: UInt16 = 1) -> [Field] {
     case .releaseQuiet(let ids): [.array("buffers", minimum: 8, ids.map { _ in [.fixed("buffer", 8)] })]
     case .createUDmabuf(let u): [.fixed("size", 8), .string("tag", u.tag), .fixed("huge_pages", 1)]
     case .createUDmabufFromMemfd(let u):
-        [.array("ranges", minimum: 16, u.ranges.map { _ in [.fixed("offset", 8), .fixed("size", 8)] }), .string("tag", u.tag)]
+        [.array("ranges", minimum: version >= 2 ? 17 : 16,
+                u.ranges.map { _ in [.fixed("offset", 8), .fixed("size", 8)] + (version >= 2 ? [.fixed("memfd", 1)] : []) }), .string("tag", u.tag)]
             + (version >= 2 ? [.fixed("flags", 4)] : [])
     case .importBuffer(let tag): [.string("tag", tag)]
     case .share(let s): [.fixed("buffer", 8), .fixed("uid", s.uid == nil ? 1 : 5), .fixed("one_time_token", 1)]
@@ -72,7 +73,7 @@ func layout(of b: BufferInfo, version: UInt16 = 1) -> [Field] {
     [.fixed("id", 8), .fixed("inode", 8), .fixed("size", 8), .string("heap", b.heap), .string("tag", b.tag), .string("name", b.name),
      .fixed("owner_uid", 4), .fixed("owner_pid", 4), .fixed("generation", 4), .fixed("external_references", 4), .fixed("leases", 4),
      .array("shared_with", minimum: 4, b.sharedWith.map { _ in [.fixed("uid", 4)] }), .fixed("revoked", 1), .fixed("orphaned", 1)]
-        + (version >= 2 ? [.string("cgroup", b.cgroup), .fixed("memfd_owned_by_daemon", 1)] : [])
+        + (version >= 2 ? [.string("cgroup", b.cgroup), .fixed("memfd_owned_by_daemon", 1), .fixed("flags", 4)] : [])
 }
 
 func layout(of response: Response, version: UInt16 = 1) -> [Field] {
@@ -89,11 +90,11 @@ func layout(of response: Response, version: UInt16 = 1) -> [Field] {
             [.string("name", $0.name), .array("chain", minimum: 2, $0.chain.map { [.string("heap", $0)] })]
          })] + (version >= 2 ? [.fixed("mem_accounting", 1)] : [])
     case .buffer(let b): layout(of: b, version: version)
-    case .buffers(let items): [.array("buffers", minimum: 53, items.map { layout(of: $0, version: version) })]
+    case .buffers(let items): [.array("buffers", minimum: 57, items.map { layout(of: $0, version: version) })]
     case .share(let s): [.fixed("token", s.token == nil ? 1 : 9)]
     case .ok: []
     case .list(let items, _):
-        [.array("buffers", minimum: version >= 2 ? 53 : 50, items.map { layout(of: $0, version: version) }), .fixed("more", 1)]
+        [.array("buffers", minimum: version >= 2 ? 57 : 50, items.map { layout(of: $0, version: version) }), .fixed("more", 1)]
     case .stats(let s):
         [.array("heaps", minimum: 18, s.heaps.map { [.string("heap", $0.heap), .fixed("bytes", 8), .fixed("buffers", 4), .fixed("failures", 4)] }),
          .array("clients", minimum: 32, s.clients.map { _ in
@@ -108,6 +109,7 @@ func layout(of response: Response, version: UInt16 = 1) -> [Field] {
     case .layout(let l):
         [.fixed("buffer", 8), .fixed("lease", 8), .fixed("generation", 4), .fixed("kind", 1), .fixed("page_size", 4), .fixed("first_page", 8),
          .array("runs", minimum: 16, l.runs.map { _ in [.fixed("start", 8), .fixed("pages", 8)] })]
+            + (version >= 2 ? [.fixed("flags", 4)] : [])
     case .access: [.fixed("fences", 4)]
     case .error(let e): [.fixed("errno", 4), .fixed("code", 2), .string("message", e.message)]
     case .leaseRevoked: [.fixed("lease", 8), .fixed("buffer", 8), .fixed("deadline_ms", 4)]

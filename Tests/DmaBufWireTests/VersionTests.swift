@@ -54,9 +54,9 @@ import Testing
                 == .allocate(AllocateRequest(size: 4096, heap: "system", tag: "t", cpuAccess: 2)))
         #expect(try WireMessage.decodeRequest(v2, descriptors: 0, version: 2).1
                 == .allocate(AllocateRequest(size: 4096, heap: "system", tag: "t", fdFlags: 0, heapFlags: 5)))
-        // A buffer described to a v1 client has no cgroup field.
+        // A buffer described to a v1 client has no cgroup, memfd_owned_by_daemon or flags field.
         #expect(WireMessage.encodedSize(of: sampleBufferV2, version: 2)
-                == WireMessage.encodedSize(of: sampleBufferV2, version: 1) + 2 + sampleBufferV2.cgroup.utf8.count + 1)
+                == WireMessage.encodedSize(of: sampleBufferV2, version: 1) + 2 + sampleBufferV2.cgroup.utf8.count + 1 + 4)
         let v1Buffer = WireMessage.encode(Response.buffer(sampleBufferV2), requestID: 1, descriptors: 1, version: 1)
         #expect(try WireMessage.decodeResponse(v1Buffer, descriptors: 1).1 == .buffer(sampleBuffer))
     }
@@ -125,6 +125,36 @@ import Testing
         let v1 = WireMessage.encode(request, requestID: 1, descriptors: 1, version: 1)
         #expect(try WireMessage.decodeRequest(v1, descriptors: 1).1
                 == .createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: [], tag: "", flags: 0)))
+    }
+
+    @Test("create_udmabuf_from_memfd: v1 carries one memfd; in v2 each range names one of 1...16 fds, and a bad index is malformed")
+    func memfdIndices() throws {
+        let two = Request.createUDmabufFromMemfd(UDmabufFromMemfdRequest(
+            ranges: [ByteRange(offset: 0, size: 4096, memfd: 1), ByteRange(offset: 0, size: 4096)], tag: "l"))
+        let bytes = WireMessage.encode(two, requestID: 1, descriptors: 2, version: 2)
+        #expect(try WireMessage.decodeRequest(bytes, descriptors: 2, version: 2).1 == two)
+        // The same bytes claiming one fd name a memfd that is not there.
+        var one = bytes
+        one.setU16(1, at: HeaderOffset.descriptorCount)
+        #expect(requestError(one, descriptors: 1, version: 2) == .invalidValue(field: "memfd", value: 1))
+        let v1 = WireMessage.encode(Request.createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: [ByteRange(offset: 0, size: 4096)], tag: "")),
+                                    requestID: 1, descriptors: 2, version: 1)
+        #expect(requestError(v1, descriptors: 2, version: 1) == .wrongDescriptorCount(type: "createUDmabufFromMemfd", expected: 1...1, actual: 2))
+        #expect(requestError(frame(type: .createUDmabufFromMemfd, descriptors: 17, version: 2, payload: []), descriptors: 17, version: 2)
+                == .wrongDescriptorCount(type: "createUDmabufFromMemfd", expected: 1...16, actual: 17))
+    }
+
+    @Test("v2 buffer_info and layout carry flags (contiguous); v1 never sees them")
+    func contiguityFlags() throws {
+        let layout = Layout(buffer: 1, lease: 2, generation: 1, kind: .bufferPages, pageSize: 4096, firstPage: 0,
+                            runs: [PageRun(start: 0, pages: 16)], flags: BufferFlags.contiguous)
+        let v2 = WireMessage.encode(Response.layout(layout), requestID: 1, version: 2)
+        let v1 = WireMessage.encode(Response.layout(layout), requestID: 1, version: 1)
+        #expect(v2.count == v1.count + 4)
+        guard case .layout(let back) = try WireMessage.decodeResponse(v2, descriptors: 0, version: 2).1 else { Issue.record("not a layout"); return }
+        #expect(back.isContiguous)
+        guard case .layout(let old) = try WireMessage.decodeResponse(v1, descriptors: 0, version: 1).1 else { Issue.record("not a layout"); return }
+        #expect(old.flags == 0)
     }
 
     @Test("a v2 list page of the largest buffers still fits one message")

@@ -93,7 +93,12 @@ typedef struct dmabufd_buffer_info {
     bool revoked, orphaned;
     char cgroup[256];           /* v2 only ("" on v1) */
     bool memfd_owned_by_daemon; /* v2 only */
+    uint32_t flags;             /* v2 only: DMABUFD_CONTIGUOUS; unknown bits are kept, ignore them */
 } dmabufd_buffer_info;
+
+/* `flags` of dmabufd_buffer_info and dmabufd_layout (v2): the memory is one physically contiguous run, by
+ * construction (a CMA heap's buffer) or measured (a physical layout of one run). No address is implied. */
+#define DMABUFD_CONTIGUOUS 0x01u
 
 typedef struct dmabufd_buffer_list {
     uint32_t count;
@@ -165,9 +170,11 @@ typedef struct dmabufd_layout {
     uint64_t first_page;
     uint32_t run_count;
     dmabufd_page_run *runs;
+    uint32_t flags; /* v2 only: DMABUFD_CONTIGUOUS */
 } dmabufd_layout;
 
-typedef struct dmabufd_range { uint64_t offset, size; } dmabufd_range;
+/* memfd: which of dmabufd_udmabuf_from_memfds' memfds holds the range (0 for dmabufd_udmabuf_from_memfd). */
+typedef struct dmabufd_range { uint64_t offset, size; uint32_t memfd; } dmabufd_range;
 
 typedef struct dmabufd_event {
     uint16_t type; /* enum dmabufd_event_type */
@@ -196,6 +203,11 @@ DMABUFD_API int dmabufd_create_udmabuf(dmabufd_conn *conn, uint64_t size, const 
 /* A udmabuf over the caller's memfd (F_SEAL_SHRINK, no write seal). flags: UDMABUF_FLAGS_CLOEXEC (1). */
 DMABUFD_API int dmabufd_udmabuf_from_memfd(dmabufd_conn *conn, int memfd, const dmabufd_range *ranges, uint32_t count,
                                            const char *tag, uint32_t flags, dmabufd_buffer_info **info);
+/* The same over 1...16 memfds, as UDMABUF_CREATE_LIST: ranges[i].memfd indexes memfds. More than one
+ * memfd needs protocol v2 (else -EOPNOTSUPP). */
+DMABUFD_API int dmabufd_udmabuf_from_memfds(dmabufd_conn *conn, const int *memfds, unsigned memfd_count,
+                                            const dmabufd_range *ranges, uint32_t count, const char *tag, uint32_t flags,
+                                            dmabufd_buffer_info **info);
 /* Hands a dma-buf to the daemon for accounting. Returns 0; the caller keeps its fd. */
 DMABUFD_API int dmabufd_import(dmabufd_conn *conn, int dmabuf_fd, const char *tag, dmabufd_buffer_info **info);
 /* Grants `uid` (NULL: none) and/or mints a one-time token (written to *token, 0 when none). */

@@ -352,10 +352,21 @@ DMABUFD_API int dmabufd_create_udmabuf(dmabufd_conn *c, uint64_t size, const cha
 
 DMABUFD_API int dmabufd_udmabuf_from_memfd(dmabufd_conn *c, int memfd, const dmabufd_range *ranges, uint32_t count,
                                            const char *tag, uint32_t flags, dmabufd_buffer_info **info) {
+    return dmabufd_udmabuf_from_memfds(c, &memfd, 1, ranges, count, tag, flags, info);
+}
+
+DMABUFD_API int dmabufd_udmabuf_from_memfds(dmabufd_conn *c, const int *memfds, unsigned memfd_count, const dmabufd_range *ranges,
+                                            uint32_t count, const char *tag, uint32_t flags, dmabufd_buffer_info **info) {
     if (flags & ~1u) return failure(c, EINVAL, DMABUFD_CODE_INVALID_ARGUMENT, "udmabuf flags 0x%x: only UDMABUF_FLAGS_CLOEXEC (1)", flags);
     if (count > DMABUFD_MAX_LIST || (count && !ranges)) return failure(c, EINVAL, 0, "at most 4000 ranges");
+    if (memfd_count < 1 || memfd_count > DMABUFD_MAX_FDS || !memfds)
+        return failure(c, EINVAL, 0, "1...%d memfds, not %u", DMABUFD_MAX_FDS, memfd_count);
+    for (uint32_t i = 0; i < count; i++)
+        if (ranges[i].memfd >= memfd_count) return failure(c, EINVAL, 0, "range %u names memfd %u of %u", i, ranges[i].memfd, memfd_count);
+    if (memfd_count > 1 && dmabufd_version(c) < 2)
+        return failure(c, EOPNOTSUPP, 0, "a udmabuf over several memfds needs protocol v2: update dmabufd");
     dbw_request q = { .type = DBW_CREATE_UDMABUF_FROM_MEMFD, .ranges = ranges, .range_count = count, .tag = tag, .flags = flags };
-    return buffer_request(c, &q, &memfd, 1, flags & 1u, info);
+    return buffer_request(c, &q, memfds, memfd_count, flags & 1u, info);
 }
 
 DMABUFD_API int dmabufd_import(dmabufd_conn *c, int fd, const char *tag, dmabufd_buffer_info **info) {

@@ -10,7 +10,8 @@
  * ENOMEM, printed once per reason to stderr when $DMABUFD_DEBUG is set.
  *
  * Not covered (documented): static binaries and setuid/setgid programs (the loader ignores LD_PRELOAD),
- * raw syscalls, read/write/poll on the proxy, F_GETFL on the proxy (shows O_PATH). */
+ * raw syscalls, read/write/poll on the proxy, F_GETFL on the proxy (shows O_PATH), and a CREATE_LIST over
+ * more than 16 different memfds (ENOMEM: one message carries at most 16 fds). */
 #include "dmabufd_wire.h"
 
 #include <dlfcn.h>
@@ -332,8 +333,42 @@ static int check_memfd(int memfd, struct stat *st) {
     return 0;
 }
 
-/* udmabuf_create: the same checks in the same order, then the broker makes it from the memfd. Returns the
- * fd, or -errno. */
+/* The index of the memfd `st` among those the request carries so far (one fd per file), adding `fd` when new;
+ * -1 past DMABUFD_MAX_FDS different memfds, the most one message carries. */
+static int memfd_index(int fd, const struct stat *st, int fds[DMABUFD_MAX_FDS], struct stat seen[DMABUFD_MAX_FDS], unsigned *n) {
+    for (unsigned k = 0; k < *n; k++)
+        if (seen[k].st_dev == st->st_dev && seen[k].st_ino == st->st_ino) return (int)k;
+    if (*n == DMABUFD_MAX_FDS) return -1;
+    fds[*n] = fd;
+    seen[*n] = *st;
+    return (int)(*n)++;
+}
+
+/* Each entry's memfd checked as the kernel does, and its range mapped to an index into the memfds sent.
+ * Returns 0 or an errno. */
+static int udmabuf_ranges(const struct udmabuf_create_item *items, uint32_t count, dmabufd_range *ranges, int fds[DMABUFD_MAX_FDS],
+                          unsigned *n) {
+    struct stat seen[DMABUFD_MAX_FDS];
+    for (uint32_t i = 0; i < count; i++) {
+        struct stat st;
+        int e = check_memfd((int)items[i].memfd, &st);
+        /* memfd_pin_folios refuses pages past the end of the file. */
+        if (!e && (items[i].offset > (uint64_t)st.st_size || items[i].size > (uint64_t)st.st_size - items[i].offset)) e = EINVAL;
+        if (e) return e;
+        int k = memfd_index((int)items[i].memfd, &st, fds, seen, n);
+        if (k < 0) {
+            if (debug())
+                fprintf(stderr, "dmabufd-run: %s: UDMABUF_CREATE_LIST over more than %d different memfds is not served; the program sees ENOMEM\n",
+                        program_name(), DMABUFD_MAX_FDS);
+            return ENOMEM;
+        }
+        ranges[i] = (dmabufd_range){ .offset = items[i].offset, .size = items[i].size, .memfd = (uint32_t)k };
+    }
+    return 0;
+}
+
+/* udmabuf_create: the same checks in the same order, then the broker makes it from the memfds (each entry
+ * names its own, as with the kernel). Returns the fd, or -errno. */
 static int udmabuf_create(uint32_t flags, const struct udmabuf_create_item *items, uint32_t count) {
     uint64_t pglimit = ((uint64_t)module_param("size_limit_mb", 64) * 1024 * 1024) / PAGE, pages = 0;
     for (uint32_t i = 0; i < count; i++) {
@@ -342,32 +377,17 @@ static int udmabuf_create(uint32_t flags, const struct udmabuf_create_item *item
         if (pages > pglimit) return -EINVAL;
     }
     if (pages == 0) return -EINVAL;
-    struct stat first = { 0 };
     dmabufd_range *ranges = calloc(count, sizeof *ranges);
     if (!ranges) return -ENOMEM;
-    for (uint32_t i = 0; i < count; i++) {
-        struct stat st;
-        int e = check_memfd((int)items[i].memfd, &st);
-        /* memfd_pin_folios refuses pages past the end of the file. */
-        if (!e && (items[i].offset > (uint64_t)st.st_size || items[i].size > (uint64_t)st.st_size - items[i].offset)) e = EINVAL;
-        if (!e && i > 0 && (st.st_dev != first.st_dev || st.st_ino != first.st_ino)) e = ENOMEM; /* one memfd per request */
-        if (e) {
-            free(ranges);
-            if (e == ENOMEM && debug())
-                fprintf(stderr, "dmabufd-run: %s: UDMABUF_CREATE_LIST over several memfds is not served; the program sees ENOMEM\n",
-                        program_name());
-            return -e;
-        }
-        if (i == 0) first = st;
-        ranges[i].offset = items[i].offset;
-        ranges[i].size = items[i].size;
-    }
-    dmabufd_conn *c = broker();
-    if (!c) { free(ranges); return -ENOMEM; }
+    int fds[DMABUFD_MAX_FDS];
+    unsigned n = 0;
+    int e = udmabuf_ranges(items, count, ranges, fds, &n);
+    dmabufd_conn *c = e ? NULL : broker();
+    if (e || !c) { free(ranges); return -(e ? e : ENOMEM); }
     char tag[40];
     program_tag(tag);
     dmabufd_buffer_info *info = NULL;
-    int fd = dmabufd_udmabuf_from_memfd(c, (int)items[0].memfd, ranges, count, tag, flags & UDMABUF_FLAGS_CLOEXEC, &info);
+    int fd = dmabufd_udmabuf_from_memfds(c, fds, n, ranges, count, tag, flags & UDMABUF_FLAGS_CLOEXEC, &info);
     free(ranges);
     if (fd < 0) return -kernel_errno(c, -fd);
     if (dmabufd_version(c) >= 2) dmabufd_release_quiet(c, &info->id, 1);

@@ -124,7 +124,8 @@ static int wfinish(wr *w) {
 bool dbw_descriptor_range(uint16_t type, unsigned *min, unsigned *max) {
     unsigned lo = 0, hi = 0;
     switch (type) {
-    case DBW_CREATE_UDMABUF_FROM_MEMFD: case DBW_IMPORT: case DBW_ATTACH_FENCE: case DBW_BUFFER_REPLY: lo = hi = 1; break;
+    case DBW_IMPORT: case DBW_ATTACH_FENCE: case DBW_BUFFER_REPLY: lo = hi = 1; break;
+    case DBW_CREATE_UDMABUF_FROM_MEMFD: lo = 1; hi = DMABUFD_MAX_FDS; break; /* exactly 1 in v1 */
     case DBW_RELEASE_LEASE: case DBW_ACCESS_REPLY: hi = 1; break;
     case DBW_BUFFERS_REPLY: lo = 1; hi = DMABUFD_BATCH_MAX; break;
     case DBW_HELLO: case DBW_LIST_HEAPS: case DBW_ALLOCATE: case DBW_CREATE_UDMABUF: case DBW_SHARE: case DBW_FETCH:
@@ -147,7 +148,7 @@ static bool v2_only(uint16_t type) {
 
 /* ---- requests ------------------------------------------------------------------------------------- */
 
-static void enc_request_payload(wr *w, const dbw_request *r, uint16_t v) {
+static void enc_request_payload(wr *w, const dbw_request *r, uint16_t v, unsigned fds) {
     switch (r->type) {
     case DBW_HELLO: w16(w, r->minimum_version); w16(w, r->maximum_version); wstr(w, r->client); break;
     case DBW_LIST_HEAPS: case DBW_STATS: break;
@@ -165,7 +166,11 @@ static void enc_request_payload(wr *w, const dbw_request *r, uint16_t v) {
     case DBW_CREATE_UDMABUF: w64(w, r->size); wstr(w, r->tag); wbool(w, r->huge_pages); break;
     case DBW_CREATE_UDMABUF_FROM_MEMFD:
         wcount(w, r->range_count);
-        for (uint32_t i = 0; i < r->range_count && !w->err; i++) { w64(w, r->ranges[i].offset); w64(w, r->ranges[i].size); }
+        for (uint32_t i = 0; i < r->range_count && !w->err; i++) {
+            w64(w, r->ranges[i].offset); w64(w, r->ranges[i].size);
+            if (r->ranges[i].memfd >= fds || (v < 2 && r->ranges[i].memfd != 0)) w->err = w->err ? w->err : -EINVAL;
+            if (v >= 2) w8(w, (uint8_t)r->ranges[i].memfd);
+        }
         wstr(w, r->tag);
         if (v >= 2) w32(w, r->flags);
         break;
@@ -199,9 +204,10 @@ int dbw_encode_request(const dbw_request *r, uint16_t version, uint32_t request_
     if (version < DBW_VERSION_MIN || version > DBW_VERSION_MAX) return -EINVAL;
     if (r->type >= 0x4000 || !dbw_descriptor_range(r->type, &lo, &hi) || fds < lo || fds > hi) return -EINVAL;
     if (v2_only(r->type) && version < 2) return -EINVAL;
+    if (r->type == DBW_CREATE_UDMABUF_FROM_MEMFD && version < 2 && fds != 1) return -EINVAL;
     wr w = { out, cap, 0, 0 };
     wheader(&w, r->type == DBW_HELLO ? 1 : version, r->type, request_id, fds);
-    enc_request_payload(&w, r, version);
+    enc_request_payload(&w, r, version, fds);
     return wfinish(&w);
 }
 
@@ -269,7 +275,7 @@ static void dec_buffer(rd *r, dmabufd_buffer_info *b, uint16_t v) {
     b->shared_with = ralloc(r, b->shared_with_count, sizeof(uint32_t));
     for (uint32_t i = 0; i < b->shared_with_count && !r->err; i++) b->shared_with[i] = r32(r);
     b->revoked = rbool(r); b->orphaned = rbool(r);
-    if (v >= 2) { rstr(r, b->cgroup); b->memfd_owned_by_daemon = rbool(r); }
+    if (v >= 2) { rstr(r, b->cgroup); b->memfd_owned_by_daemon = rbool(r); b->flags = r32(r); }
     if (r->err) b->shared_with_count = 0;
 }
 
@@ -298,7 +304,7 @@ static void dec_heaps(rd *r, uint16_t v) {
 static void dec_list(rd *r, uint16_t v, bool more) {
     dmabufd_buffer_list *l = rroot(r, sizeof *l);
     if (!l) return;
-    l->count = rcount(r, v >= 2 ? 53 : 50);
+    l->count = rcount(r, v >= 2 ? 57 : 50);
     l->buffers = ralloc(r, l->count, sizeof *l->buffers);
     for (uint32_t i = 0; i < l->count && !r->err; i++) dec_buffer(r, &l->buffers[i], v);
     if (more) l->more = rbool(r);
@@ -333,7 +339,7 @@ static void dec_stats(rd *r, uint16_t v) {
     }
 }
 
-static void dec_layout(rd *r) {
+static void dec_layout(rd *r, uint16_t v) {
     dmabufd_layout *l = rroot(r, sizeof *l);
     if (!l) return;
     l->buffer = r64(r); l->lease = r64(r); l->generation = r32(r); l->kind = r8(r);
@@ -342,6 +348,7 @@ static void dec_layout(rd *r) {
     l->run_count = rcount(r, 16);
     l->runs = ralloc(r, l->run_count, sizeof *l->runs);
     for (uint32_t i = 0; i < l->run_count && !r->err; i++) { l->runs[i].start = r64(r); l->runs[i].pages = r64(r); }
+    if (v >= 2) l->flags = r32(r);
 }
 
 static int dec_header(rd *r, unsigned fds, uint16_t version, dbw_header *h) {
@@ -388,7 +395,7 @@ static void dec_payload(rd *r, dbw_response *o, unsigned fds) {
         break;
     }
     case DBW_STATS_REPLY: dec_stats(r, v); break;
-    case DBW_LAYOUT_REPLY: dec_layout(r); break;
+    case DBW_LAYOUT_REPLY: dec_layout(r, v); break;
     case DBW_ACCESS_REPLY:
         o->fences = r32(r);
         if (!r->err && (o->fences > 0) != (fds == 1)) fail(r, -EBADMSG);
@@ -430,7 +437,7 @@ static void enc_buffer(wr *w, const dmabufd_buffer_info *b, uint16_t v) {
     w32(w, b->leases); wcount(w, b->shared_with_count);
     for (uint32_t i = 0; i < b->shared_with_count && !w->err; i++) w32(w, b->shared_with[i]);
     wbool(w, b->revoked); wbool(w, b->orphaned);
-    if (v >= 2) { wstr(w, b->cgroup); wbool(w, b->memfd_owned_by_daemon); }
+    if (v >= 2) { wstr(w, b->cgroup); wbool(w, b->memfd_owned_by_daemon); w32(w, b->flags); }
 }
 
 static void enc_heaps(wr *w, const dmabufd_heaps *h, uint16_t v) {
@@ -495,6 +502,7 @@ static void enc_response_payload(wr *w, const dbw_response *o, uint16_t v) {
         w64(w, l->buffer); w64(w, l->lease); w32(w, l->generation); w8(w, l->kind); w32(w, l->page_size); w64(w, l->first_page);
         wcount(w, l->run_count);
         for (uint32_t i = 0; i < l->run_count && !w->err; i++) { w64(w, l->runs[i].start); w64(w, l->runs[i].pages); }
+        if (v >= 2) w32(w, l->flags);
         break;
     }
     case DBW_ACCESS_REPLY: w32(w, o->fences); break;

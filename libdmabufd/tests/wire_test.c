@@ -28,7 +28,7 @@ static uint32_t shared[] = { 1000, 65534 };
 static dmabufd_buffer_info sample_buffer(void) {
     dmabufd_buffer_info b = { .id = 7, .inode = 12345, .size = 1 << 20, .owner_uid = 1000, .owner_pid = -3, .generation = 2,
                               .external_references = 1, .leases = 3, .shared_with_count = 2, .shared_with = shared,
-                              .revoked = true, .orphaned = false, .memfd_owned_by_daemon = true };
+                              .revoked = true, .orphaned = false, .memfd_owned_by_daemon = true, .flags = DMABUFD_CONTIGUOUS };
     strcpy(b.heap, "system"); strcpy(b.tag, "cam\xc3\xa9ra"); strcpy(b.name, "1000:42:camera"); strcpy(b.cgroup, "/user.slice");
     return b;
 }
@@ -113,9 +113,17 @@ static void test_round_trips(void) {
         round_trip("stats", &r, v, 0);
 
         dmabufd_page_run runs[2] = { { 0, 3 }, { 10, 1 } };
-        dmabufd_layout lay = { .buffer = 7, .lease = 9, .generation = 1, .kind = 1, .page_size = 4096, .first_page = 0, .run_count = 2, .runs = runs };
+        dmabufd_layout lay = { .buffer = 7, .lease = 9, .generation = 1, .kind = 1, .page_size = 4096, .first_page = 0, .run_count = 2, .runs = runs,
+                               .flags = v >= 2 ? DMABUFD_CONTIGUOUS : 0 };
         r = (dbw_response){ .header = { .type = DBW_LAYOUT_REPLY, .request_id = 6 }, .object = &lay };
         round_trip("layout", &r, v, 0);
+        if (v == 2) { /* v2 ends with flags u32: 4 bytes more than v1, and decoded */
+            int n1 = dbw_encode_response(&r, 1, buf, sizeof buf), n2 = dbw_encode_response(&r, 2, buf, sizeof buf);
+            dbw_response t;
+            CHECK(n2 == n1 + 4 && dbw_decode_response(buf, (size_t)n2, 0, 2, &t) == 0 && ((dmabufd_layout *)t.object)->flags == DMABUFD_CONTIGUOUS,
+                  "layout v2 flags not carried (%d vs %d)", n2, n1);
+            if (n2 == n1 + 4) dmabufd_free(t.object);
+        }
 
         r = (dbw_response){ .header = { .type = DBW_SHARE_REPLY, .request_id = 6 }, .has_token = true, .token = 0xdeadbeefcafe };
         round_trip("share", &r, v, 0);
@@ -238,6 +246,15 @@ static void test_requests(void) {
     CHECK(dbw_encode_request(&rq, 2, 5, 0, buf, sizeof buf) == 20 + 4 + 16, "release_quiet v2 size");
     dbw_request imp = { .type = DBW_IMPORT, .tag = "x" };
     CHECK(dbw_encode_request(&imp, 1, 5, 0, buf, sizeof buf) == -EINVAL, "import without its fd encoded");
+    /* create_udmabuf_from_memfd: v2 ranges carry a memfd index (u8) into the message's 1...16 fds */
+    dmabufd_range mr[2] = { { .offset = 0, .size = 4096, .memfd = 0 }, { .offset = 8192, .size = 4096, .memfd = 2 } };
+    dbw_request um = { .type = DBW_CREATE_UDMABUF_FROM_MEMFD, .ranges = mr, .range_count = 2, .tag = "", .flags = 1 };
+    CHECK(dbw_encode_request(&um, 2, 5, 3, buf, sizeof buf) == 20 + 4 + 2 * 17 + 2 + 4 && buf[20 + 4 + 16] == 0 && buf[20 + 4 + 33] == 2,
+          "udmabuf over 3 memfds v2 bytes differ");
+    CHECK(dbw_encode_request(&um, 2, 5, 2, buf, sizeof buf) == -EINVAL, "memfd index 2 of 2 fds encoded");
+    CHECK(dbw_encode_request(&um, 1, 5, 3, buf, sizeof buf) == -EINVAL, "v1 udmabuf with 3 fds encoded");
+    mr[1].memfd = 0;
+    CHECK(dbw_encode_request(&um, 1, 5, 1, buf, sizeof buf) == 20 + 4 + 2 * 16 + 2, "v1 udmabuf from one memfd size");
     dbw_request fe = { .type = DBW_BEGIN_ACCESS, .access = 3 };
     CHECK(dbw_encode_request(&fe, 1, 5, 0, buf, sizeof buf) == -EINVAL, "access 3 encoded");
 }

@@ -182,6 +182,19 @@ enum CLibTests {
                 }
             }
         },
+        DeviceTest("clib.udmabuf-list-over-several-memfds", requires: needs) {
+            // UDMABUF_CREATE_LIST whose entries name different memfds (protocol v2 carries up to 16 per
+            // message): bytes through the buffer are each memfd's, and every error is the kernel's.
+            let build = try CLibBuild.get()
+            try withRootOnlyNodes {
+                try withDaemon { daemon in
+                    let transcript = try compareWithKernel(build, "udmabuf_multi", daemon)
+                    try expect(transcript.contains("three memfds, interleaved: ok") && transcript.contains("sixteen memfds: ok"),
+                               "lists over several memfds:\n\(transcript)")
+                    try expect(transcript.contains("done, 0 checks failed"), "bytes:\n\(transcript)")
+                }
+            }
+        },
         DeviceTest("clib.drop-in-leaves-privileged-programs-alone", requires: needs) {
             let build = try CLibBuild.get()
             // Root opens the nodes itself; with no daemon at all the program must behave as without the drop-in.
@@ -583,6 +596,106 @@ int main(void) {
     int n;
     printf("FIONREAD: %s\n", res(ioctl(u, FIONREAD, &n)));
     printf("FIOCLEX: %s\n", res(ioctl(u, FIOCLEX)));
+    printf("done, %d checks failed\n", bad);
+    return bad ? 1 : 0;
+}
+"""#),
+    ("udmabuf_multi", #"""
+/* UDMABUF_CREATE_LIST over several different memfds, raw uAPI: each entry names its own memfd, as the
+ * kernel allows. One line per case, no fd numbers, so the kernel's run and dmabufd-run's compare. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/udmabuf.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PG 4096ul
+static int bad;
+
+static const char *res(int r) { return r < 0 ? strerrorname_np(errno) : "ok"; }
+
+static int memfd(size_t pages, int seals, unsigned char fill) {
+    int m = memfd_create("multi", MFD_ALLOW_SEALING | MFD_CLOEXEC);
+    if (m < 0 || ftruncate(m, (off_t)(pages * PG)) < 0) return -1;
+    unsigned char *p = mmap(NULL, pages * PG, PROT_READ | PROT_WRITE, MAP_SHARED, m, 0);
+    if (p == MAP_FAILED) return -1;
+    for (size_t i = 0; i < pages * PG; i++) p[i] = (unsigned char)(fill + i * 7);
+    munmap(p, pages * PG);
+    if (seals && fcntl(m, F_ADD_SEALS, seals) < 0) return -1;
+    return m;
+}
+
+/* entries: {memfd, first page, pages} */
+static int make(int u, const unsigned (*e)[3], unsigned n) {
+    struct udmabuf_create_list *l = calloc(1, sizeof *l + n * sizeof(struct udmabuf_create_item));
+    l->flags = UDMABUF_FLAGS_CLOEXEC;
+    l->count = n;
+    for (unsigned i = 0; i < n; i++) l->list[i] = (struct udmabuf_create_item){ .memfd = e[i][0], .offset = e[i][1] * PG, .size = e[i][2] * PG };
+    int fd = ioctl(u, UDMABUF_CREATE_LIST, l);
+    free(l);
+    return fd;
+}
+
+/* Each entry's pages in the udmabuf are the memfd's, both ways. */
+static const char *same_bytes(int fd, const unsigned (*e)[3], unsigned n) {
+    size_t total = 0;
+    for (unsigned i = 0; i < n; i++) total += e[i][2] * PG;
+    unsigned char *d = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (d == MAP_FAILED) return "NO (mmap)";
+    size_t at = 0;
+    int ok = 1;
+    for (unsigned i = 0; i < n && ok; i++) {
+        size_t len = e[i][2] * PG;
+        unsigned char *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, (int)e[i][0], (off_t)(e[i][1] * PG));
+        if (m == MAP_FAILED) { ok = 0; break; }
+        ok = memcmp(d + at, m, len) == 0;
+        d[at + 3] ^= 0xFF;
+        ok = ok && m[3] == d[at + 3];
+        munmap(m, len);
+        at += len;
+    }
+    munmap(d, total);
+    return ok ? "yes" : "NO";
+}
+
+static void list(int u, const char *name, const unsigned (*e)[3], unsigned n, int check) {
+    int fd = make(u, e, n);
+    if (fd < 0) { printf("%s: %s\n", name, res(fd)); return; }
+    printf("%s: ok, size %lld, cloexec %d", name, (long long)lseek(fd, 0, SEEK_END), fcntl(fd, F_GETFD));
+    if (check) {
+        const char *same = same_bytes(fd, e, n);
+        printf(", bytes match: %s", same);
+        if (strcmp(same, "yes") != 0) bad++;
+    }
+    printf("\n");
+    close(fd);
+}
+
+int main(void) {
+    int u = open("/dev/udmabuf", O_RDWR | O_CLOEXEC);
+    printf("open: %s\n", res(u));
+    if (u < 0) return 3;
+    unsigned a = (unsigned)memfd(8, F_SEAL_SHRINK, 0x11), b = (unsigned)memfd(4, F_SEAL_SHRINK, 0x22), c = (unsigned)memfd(16, F_SEAL_SHRINK, 0x33);
+    unsigned unsealed = (unsigned)memfd(4, 0, 0x44), wsealed = (unsigned)memfd(4, F_SEAL_SHRINK | F_SEAL_WRITE, 0x55);
+    int p[2];
+    pipe(p);
+    list(u, "two memfds", (const unsigned[][3]){ { a, 0, 2 }, { b, 1, 3 } }, 2, 1);
+    list(u, "three memfds, interleaved", (const unsigned[][3]){ { c, 4, 4 }, { a, 2, 1 }, { b, 0, 1 }, { a, 5, 3 }, { c, 0, 1 } }, 5, 1);
+    list(u, "one memfd through two fds", (const unsigned[][3]){ { a, 0, 1 }, { (unsigned)dup((int)a), 1, 1 }, { b, 0, 1 } }, 3, 1);
+    list(u, "second memfd without F_SEAL_SHRINK", (const unsigned[][3]){ { a, 0, 1 }, { unsealed, 0, 1 } }, 2, 0);
+    list(u, "second memfd with F_SEAL_WRITE", (const unsigned[][3]){ { a, 0, 1 }, { wsealed, 0, 1 } }, 2, 0);
+    list(u, "second entry a pipe", (const unsigned[][3]){ { a, 0, 1 }, { (unsigned)p[0], 0, 1 } }, 2, 0);
+    list(u, "second entry not open", (const unsigned[][3]){ { a, 0, 1 }, { 9999, 0, 1 } }, 2, 0);
+    list(u, "third entry past its memfd's end", (const unsigned[][3]){ { a, 0, 1 }, { b, 0, 1 }, { b, 3, 2 } }, 3, 0);
+    list(u, "second entry unaligned", (const unsigned[][3]){ { a, 0, 1 }, { b, 0, 0 } }, 2, 0);
+    unsigned sixteen[16][3];
+    for (unsigned i = 0; i < 16; i++) { sixteen[i][0] = (unsigned)memfd(1, F_SEAL_SHRINK, (unsigned char)i); sixteen[i][1] = 0; sixteen[i][2] = 1; }
+    list(u, "sixteen memfds", (const unsigned (*)[3])sixteen, 16, 1);
     printf("done, %d checks failed\n", bad);
     return bad ? 1 : 0;
 }

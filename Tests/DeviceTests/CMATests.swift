@@ -106,6 +106,18 @@ private func removeAliasDirectory(_ directory: String, _ names: [String]) {
     _ = rmdir(directory)
 }
 
+/// What root can confirm about a buffer without any address: debugfs `dma_buf/bufinfo` lists every dma-buf
+/// with its exporter (the heap's name) and inode. Returns the exporter of the line for `inode`, or nil.
+private func bufinfoExporter(inode: UInt64) -> String? {
+    guard let text = Harness.readFile("/sys/kernel/debug/dma_buf/bufinfo") else { return nil }
+    // size, flags, mode, count, exp_name, ino, name: tab-separated, numbers zero-padded.
+    for line in text.split(separator: "\n") {
+        let fields = line.split(separator: "\t").map { String($0).trimmingCharacters(in: " ") }
+        if fields.count >= 6, UInt64(fields[5]) == inode { return fields[4] }
+    }
+    return nil
+}
+
 enum CMATests {
     static let all: [DeviceTest] = [
         DeviceTest("cma.heap-present-with-both-names", requires: cma) {
@@ -199,6 +211,38 @@ enum CMATests {
                 } catch let error as DmaBufClientError {
                     try expectEqual(error.errno, .notSupported, "physical layout refusal: \(error)")
                 }
+            }
+        },
+        DeviceTest("cma.contiguous-flag-on-cma-not-system", requires: cmaAndSystem) {
+            // Protocol v2: buffer_info and layout say "contiguous" for CMA buffers (by construction), under
+            // both kernel names and the logical ones; a system-heap buffer never says it. No address comes
+            // with it: root confirms the fact through debugfs bufinfo (exporter = the CMA heap, by inode).
+            try withDaemon { daemon in
+                let connection = try daemon.connect()
+                for heap in ["cma", "cma:default_cma_region", "cma:reserved", "default_cma_region", "reserved"] {
+                    let buffer = try connection.allocate(size: 2 * mib, heap: heap, tag: "contig")
+                    try expect(buffer.info.isContiguous, "\(heap): allocate reply flags \(buffer.info.flags)")
+                    try expect(try connection.info(buffer.info.id).isContiguous, "\(heap): info")
+                    let layout = try connection.layout(buffer.info.id, firstPage: 3, pageCount: 100)
+                    try expect(layout.isContiguous && layout.runs == [PageRun(start: 3, pages: 100)], "\(heap): layout \(layout)")
+                    try connection.releaseLease(layout.lease, fence: nil)
+                    let exporter = try expectSome(bufinfoExporter(inode: buffer.info.inode), "buffer \(buffer.info.inode) in debugfs dma_buf/bufinfo")
+                    try expect(CMAFacts.aliases.contains(exporter), "\(heap): bufinfo exporter \(exporter)")
+                }
+                let system = try connection.allocate(size: 2 * mib, heap: "system")
+                try expectEqual(system.info.flags, 0, "system heap buffer flags")
+                let layout = try connection.layout(system.info.id)
+                try expect(!layout.isContiguous, "system heap layout marked contiguous: \(layout)")
+                try connection.releaseLease(layout.lease, fence: nil)
+                // As users see it: dmabufctl info and ranges, text and JSON.
+                let cma = try connection.allocate(size: mib, heap: "cma")
+                try expectOK(try dmabufctl(daemon, "info", "\(cma.info.id)"), "physically contiguous")
+                try expectOK(try dmabufctl(daemon, "ranges", "\(cma.info.id)"), "physically contiguous")
+                let json = try dmabufctl(daemon, "ranges", "\(cma.info.id)", "--format", "json")
+                try expectOK(json)
+                try expect(json.out.filter { !$0.isWhitespace }.contains("\"contiguous\":true"), "ranges JSON:\n\(json.out)")
+                let sysText = try dmabufctl(daemon, "ranges", "\(system.info.id)")
+                try expect(!sysText.out.contains("contiguous"), "system heap ranges: \(sysText.out)")
             }
         },
         DeviceTest("cma.exhaustion-any-falls-back-to-system", requires: cmaAndSystem) {

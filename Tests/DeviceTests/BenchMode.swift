@@ -24,6 +24,8 @@ enum Bench {
         var soakCycles = 10_000
         var p2Seconds = 3
         var only: Set<String> = []
+        /// Row L1's C client (Benchmarks/clib_alloc.c); the row is left out without it.
+        var clibPath = ""
         func wants(_ row: String) -> Bool { only.isEmpty || only.contains(row) }
     }
 
@@ -37,10 +39,11 @@ enum Bench {
             case "--rounds": options.rounds = value().flatMap { Int($0) } ?? options.rounds
             case "--soak": options.soakCycles = value().flatMap { Int($0) } ?? options.soakCycles
             case "--p2-seconds": options.p2Seconds = value().flatMap { Int($0) } ?? options.p2Seconds
+            case "--clib": options.clibPath = value() ?? ""
             case "--only": options.only = Set((value() ?? "").split(separator: ",").map { String($0).uppercased() })
             default:
                 Harness.warn("bench: unknown option \(arguments[i])")
-                Harness.warn("usage: dmabuf-device-tests --bench --floor PATH [--rounds N] [--soak CYCLES] [--p2-seconds S] [--only P1,P2,P3,P4,P5,X,CMA,SOAK,PHASES]")
+                Harness.warn("usage: dmabuf-device-tests --bench --floor PATH [--rounds N] [--soak CYCLES] [--p2-seconds S] [--only P1,P2,P3,P4,P5,X,CMA,CLIB,SOAK,PHASES] [--clib PATH]")
                 return 64
             }
             i += 1
@@ -96,6 +99,10 @@ enum Bench {
         if options.wants("CMA") {
             if CMAFacts.heapNames().isEmpty { Harness.say("bench: no CMA heap on this kernel: row C1 left out") }
             else { try cmaRow(floor, connection, report, rounds: options.rounds) }
+        }
+        if options.wants("CLIB") {
+            if options.clibPath.isEmpty { Harness.say("bench: no --clib program: row L1 left out") }
+            else { try clibRow(options.clibPath, socket: daemon.socketPath, connection, report, rounds: options.rounds) }
         }
         report.print()
         if options.wants("SOAK") && options.soakCycles > 0 {

@@ -62,6 +62,43 @@ struct VersionTwoTests {
         }
     }
 
+    @Test func contiguousFlagForCMAHeapsOnly() throws {
+        try BrokerHarness.scenario { h in
+            let client = try h.connect(version: 2)
+            for heap in ["cma", "cma:linux,cma", "linux,cma"] {
+                let (info, _) = try client.allocate(8192, heap: heap)
+                #expect(info.isContiguous, "\(heap)")
+                let (reply, _) = try client.request(.layout(LayoutRequest(buffer: info.id, firstPage: 1, pageCount: 1)))
+                guard case .layout(let layout) = reply else { Issue.record("\(reply)"); return }
+                #expect(layout.isContiguous && layout.runs == [PageRun(start: 1, pages: 1)], "\(heap)")
+            }
+            let (system, _) = try client.allocate(8192)
+            #expect(system.flags == 0)
+            let (reply, _) = try client.request(.layout(LayoutRequest(buffer: system.id)))
+            guard case .layout(let layout) = reply else { Issue.record("\(reply)"); return }
+            #expect(!layout.isContiguous)
+        }
+    }
+
+    @Test func udmabufOverSeveralMemfds() throws {
+        try BrokerHarness.scenario { h in
+            let client = try h.connect(version: 2)
+            let a = try makeMemfd(8192), b = try makeMemfd(4096)
+            let ranges = [ByteRange(offset: 0, size: 8192), ByteRange(offset: 0, size: 4096, memfd: 1)]
+            let (reply, _) = try client.request(.createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: ranges, tag: "l")), fds: [a, b])
+            guard case .buffer(let info) = reply else { Issue.record("\(reply)"); return }
+            #expect(info.size == 12288)
+            // Over two memfds a memfd page index means nothing: the layout counts buffer pages.
+            let (layoutReply, _) = try client.request(.layout(LayoutRequest(buffer: info.id)))
+            guard case .layout(let layout) = layoutReply else { Issue.record("\(layoutReply)"); return }
+            #expect(layout.kind == .bufferPages && layout.runs == [PageRun(start: 0, pages: 3)])
+            // Every fd must be a memfd: the kernel's EBADFD.
+            let pipeEnds = try pipePair()
+            try client.expectRefusal(.createUDmabufFromMemfd(UDmabufFromMemfdRequest(ranges: ranges, tag: "")), fds: [a, pipeEnds.0],
+                                     .badFileDescriptorState, .invalidArgument, "not a memfd")
+        }
+    }
+
     @Test func heapsAndStatsCarryTotalsAndCgroups() throws {
         try BrokerHarness.scenario { h in
             h.kernel.accounting = true

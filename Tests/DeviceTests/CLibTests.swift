@@ -33,13 +33,15 @@ private final class CLibBuild: @unchecked Sendable {
         _ = chmod(directory, 0o755)
         guard let repository = CLibBuild.repository() else { throw TestFailure(description: "libdmabufd/Makefile not found above \(Harness.binDirectory)") }
         try shell("make -s -j2 -C '\(repository)/libdmabufd' B='\(library)' all install PREFIX=/opt/dmabufd DESTDIR='\(installRoot)'", "build libdmabufd")
-        for (name, source) in clibPrograms {
+        // Clients of the installed library are built the way users build them: pkg-config against the tree.
+        let linked = "$(PKG_CONFIG_SYSROOT_DIR='\(installRoot)' PKG_CONFIG_LIBDIR='\(installRoot)/opt/dmabufd/lib/pkgconfig' pkg-config --cflags --libs dmabufd) -Wl,-rpath,'\(installRoot)/opt/dmabufd/lib'"
+        // The C side of the allocation-cost figure is scripts/bench's row L1 program.
+        let sources = clibPrograms.map { name, source in
             Harness.writeFileCreating(directory + "/\(name).c", source)
-            var flags = ""
-            if name == "client_roundtrip" || name == "bench_alloc" {
-                flags = "$(PKG_CONFIG_SYSROOT_DIR='\(installRoot)' PKG_CONFIG_LIBDIR='\(installRoot)/opt/dmabufd/lib/pkgconfig' pkg-config --cflags --libs dmabufd) -Wl,-rpath,'\(installRoot)/opt/dmabufd/lib'"
-            }
-            try shell("cc -O1 -o '\(directory)/\(name)' '\(directory)/\(name).c' \(flags)", "compile \(name)")
+            return (name, directory + "/\(name).c", name == "client_roundtrip" ? linked : "")
+        } + [("bench_alloc", repository + "/Benchmarks/clib_alloc.c", linked)]
+        for (name, file, flags) in sources {
+            try shell("cc -O1 -o '\(directory)/\(name)' '\(file)' \(flags)", "compile \(name)")
             programs[name] = directory + "/" + name
         }
         _ = chmod(library, 0o755)
@@ -782,43 +784,6 @@ int main(int argc, char **argv) {
     dmabufd_disconnect(c);
     printf("client round trip: %s\n", bad ? "FAILED" : "ok");
     return bad ? 1 : 0;
-}
-"""#),
-    ("bench_alloc", #"""
-/* bench_alloc N SIZE: times N dmabufd_allocate calls of SIZE bytes from the system heap (allocation only,
- * as the Swift P1 row times DmaBufConnection.allocate) and prints the median in nanoseconds. */
-#define _GNU_SOURCE
-#include <dmabufd.h>
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-#include <unistd.h>
-
-static long long now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000ll + t.tv_nsec; }
-static int cmp(const void *a, const void *b) { long long x = *(const long long *)a, y = *(const long long *)b; return x < y ? -1 : x > y; }
-
-int main(int argc, char **argv) {
-    int n = argc > 1 ? atoi(argv[1]) : 101;
-    unsigned long long size = argc > 2 ? strtoull(argv[2], NULL, 10) : 4096;
-    dmabufd_conn *c;
-    if (dmabufd_connect(NULL, "bench", &c) < 0) { printf("connect: %s\n", dmabufd_last_message(NULL)); return 1; }
-    long long *t = calloc((size_t)n, sizeof *t);
-    for (int i = -10; i < n; i++) { /* ten warm-up allocations */
-        dmabufd_buffer_info *info;
-        long long t0 = now();
-        int fd = dmabufd_allocate(c, size, "system", "bench", O_RDWR | O_CLOEXEC, 0, &info);
-        long long t1 = now();
-        if (fd < 0) { printf("allocate: %s\n", dmabufd_last_message(c)); return 1; }
-        if (i >= 0) t[i] = t1 - t0;
-        close(fd);
-        dmabufd_release(c, info->id);
-        dmabufd_free(info);
-    }
-    qsort(t, (size_t)n, sizeof *t, cmp);
-    printf("median_ns %lld\n", t[n / 2]);
-    dmabufd_disconnect(c);
-    return 0;
 }
 """#),
 ]

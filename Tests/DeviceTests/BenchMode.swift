@@ -162,23 +162,26 @@ enum Bench {
         let heap = try DmaHeap(named: CMAFacts.heapNames().contains("default_cma_region") ? "default_cma_region" : CMAFacts.heapNames()[0])
         var raw: [Double] = [], rawAlloc: [Double] = [], rawRT: [Double] = [], daemon: [Double] = []
         for round in 0...rounds {
-            var allocs: [Double] = []
-            for _ in 0..<n {
-                let t0 = nowNS()
-                let buffer = try heap.allocate(length: size)
-                allocs.append(Double(nowNS() - t0))
-                _ = consume buffer
+            var allocs: [Double] = [], samples: [Double] = []
+            // Alternate which side goes first: a CMA allocation's cost depends on what the last free left
+            // in the region (pages to migrate, per-CPU lists to drain), so a fixed order biases the ratio.
+            for side in round % 2 == 0 ? [0, 1] : [1, 0] {
+                for _ in 0..<n {
+                    let t0 = nowNS()
+                    if side == 0 {
+                        let buffer = try heap.allocate(length: size)
+                        allocs.append(Double(nowNS() - t0))
+                        _ = consume buffer
+                    } else {
+                        let buffer = try connection.allocate(size: size, heap: "cma", tag: "c1")
+                        samples.append(Double(nowNS() - t0))
+                        let id = buffer.info.id
+                        _ = consume buffer
+                        try connection.release(id)
+                    }
+                }
             }
             let rt = try floor.ask("rt \(n)")
-            var samples: [Double] = []
-            for _ in 0..<n {
-                let t0 = nowNS()
-                let buffer = try connection.allocate(size: size, heap: "cma", tag: "c1")
-                samples.append(Double(nowNS() - t0))
-                let id = buffer.info.id
-                _ = consume buffer
-                try connection.release(id)
-            }
             guard round > 0 else { continue }
             rawAlloc.append(median(allocs)); rawRT.append(rt); raw.append(median(allocs) + rt)
             daemon.append(median(samples))

@@ -173,7 +173,7 @@ typedef struct dmabufd_layout {
     uint32_t flags; /* v2 only: DMABUFD_CONTIGUOUS */
 } dmabufd_layout;
 
-/* memfd: which of dmabufd_udmabuf_from_memfds' memfds holds the range (0 for dmabufd_udmabuf_from_memfd). */
+/* memfd: which of dmabufd_udmabuf_from_memfds' memfds holds the range (dmabufd_udmabuf_from_memfd ignores it). */
 typedef struct dmabufd_range { uint64_t offset, size; uint32_t memfd; } dmabufd_range;
 
 typedef struct dmabufd_event {

@@ -352,7 +352,14 @@ DMABUFD_API int dmabufd_create_udmabuf(dmabufd_conn *c, uint64_t size, const cha
 
 DMABUFD_API int dmabufd_udmabuf_from_memfd(dmabufd_conn *c, int memfd, const dmabufd_range *ranges, uint32_t count,
                                            const char *tag, uint32_t flags, dmabufd_buffer_info **info) {
-    return dmabufd_udmabuf_from_memfds(c, &memfd, 1, ranges, count, tag, flags, info);
+    if (count > DMABUFD_MAX_LIST || (count && !ranges)) return failure(c, EINVAL, 0, "at most 4000 ranges");
+    /* One memfd: every range is in it, whatever a caller that predates the memfd field left there. */
+    dmabufd_range *copy = calloc(count ? count : 1, sizeof *copy);
+    if (!copy) return failure(c, ENOMEM, 0, "out of memory");
+    for (uint32_t i = 0; i < count; i++) copy[i] = (dmabufd_range){ .offset = ranges[i].offset, .size = ranges[i].size };
+    int r = dmabufd_udmabuf_from_memfds(c, &memfd, 1, copy, count, tag, flags, info);
+    free(copy);
+    return r;
 }
 
 DMABUFD_API int dmabufd_udmabuf_from_memfds(dmabufd_conn *c, const int *memfds, unsigned memfd_count, const dmabufd_range *ranges,

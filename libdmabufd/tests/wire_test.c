@@ -264,6 +264,7 @@ static void test_requests(void) {
 static char sock_path[108];
 static int fake_memfd;
 static uint16_t fake_version = 2; /* what the fake daemon negotiates */
+static int fake_last_fds;          /* descriptors the last request carried */
 
 static int fake_recv(int s, dbw_header *h, uint8_t *payload) {
     uint8_t b[DMABUFD_MAX_MESSAGE];
@@ -274,10 +275,15 @@ static int fake_recv(int s, dbw_header *h, uint8_t *payload) {
     if (n < DBW_HEADER_SIZE) return -1;
     memcpy(&h->version, b + 4, 2); memcpy(&h->type, b + 6, 2); memcpy(&h->request_id, b + 8, 4);
     memcpy(payload, b + 20, (size_t)n - 20);
+    fake_last_fds = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
-        int fd;
-        memcpy(&fd, CMSG_DATA(c), sizeof fd);
-        close(fd);
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof fd, sizeof fd);
+            close(fd);
+        }
+        fake_last_fds += count;
     }
     return (int)n - 20;
 }
@@ -385,6 +391,13 @@ static void test_connection(void) {
     for (int i = 0; i < 4; i++) { void *r; pthread_join(th[i], &r); wrong += (long)r; }
     CHECK(wrong == 0, "%ld of 400 threaded requests went wrong", wrong);
     CHECK(dmabufd_next_event(c, &ev, false) == 1 && ev.buffer == 99, "events queued by threads lost");
+    /* udmabuf over several memfds: every memfd travels once; a bad index never leaves the library. */
+    int m3[3] = { fake_memfd, fake_memfd, fake_memfd };
+    dmabufd_range r3[2] = { { .offset = 0, .size = 4096, .memfd = 2 }, { .offset = 0, .size = 4096, .memfd = 0 } };
+    CHECK(dmabufd_udmabuf_from_memfds(c, m3, 3, r3, 2, "t", 0, NULL) == -EDQUOT && fake_last_fds == 3, "3 memfds sent as %d fds", fake_last_fds);
+    r3[0].memfd = 3;
+    CHECK(dmabufd_udmabuf_from_memfds(c, m3, 3, r3, 2, "t", 0, NULL) == -EINVAL, "memfd index 3 of 3 sent");
+    CHECK(dmabufd_udmabuf_from_memfd(c, fake_memfd, r3, 2, "t", 0, NULL) == -EDQUOT && fake_last_fds == 1, "one memfd ignores the index");
     dmabufd_disconnect(c);
     pthread_join(t, NULL);
 
@@ -401,6 +414,9 @@ static void test_connection(void) {
     CHECK(dmabufd_allocate_batch(c, 2, 4096, "system", "t", O_RDWR, 0, fds, NULL) == -EOPNOTSUPP, "v1 allocate_batch refused locally");
     uint64_t ids[2] = { 1, 2 };
     CHECK(dmabufd_release_quiet(c, ids, 2) == 0, "v1 release_quiet as releases");
+    int m2[2] = { fake_memfd, fake_memfd };
+    dmabufd_range r2[2] = { { .offset = 0, .size = 4096, .memfd = 0 }, { .offset = 0, .size = 4096, .memfd = 1 } };
+    CHECK(dmabufd_udmabuf_from_memfds(c, m2, 2, r2, 2, "t", 0, NULL) == -EOPNOTSUPP, "v1: several memfds refused locally");
     CHECK(dmabufd_release(c, 1) == -EDQUOT, "v1 connection still in step after release_quiet");
     dmabufd_disconnect(c);
     pthread_join(t, NULL);

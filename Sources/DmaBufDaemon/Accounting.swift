@@ -38,8 +38,8 @@ struct Accounting {
     private(set) var failuresByUID: [UInt32: [String: UInt32]] = [:]
     private(set) var heapFailures: [String: UInt32] = [:]
     /// Refusals by the refused client's cgroup (v2 stats).
-    /// Bounded: at ``maximumRefusalCgroups`` keys, cgroups that hold nothing are pruned, then new ones
-    /// are counted under ``otherCgroups``.
+    /// Bounded: at ``maximumRefusalCgroups`` keys, the counters of cgroups that hold nothing are folded
+    /// into ``otherCgroups``; while still full, new cgroups are counted there too.
     private(set) var cgroupRefusals: [String: UInt32] = [:]
     private(set) var cgroupUsage: [String: CgroupUsage] = [:]
     /// Bytes admitted whose allocation has not finished, by cgroup: not yet visible anywhere else.
@@ -85,7 +85,15 @@ struct Accounting {
     mutating func countCgroupRefusal(_ cgroup: String) {
         var key = cgroup
         if cgroupRefusals[key] == nil && cgroupRefusals.count >= Self.maximumRefusalCgroups {
-            cgroupRefusals = cgroupRefusals.filter { cgroupUsage[$0.key] != nil || $0.key == Self.otherCgroups }
+            // Cgroups that hold nothing give up their own counter; their counts move to the shared one,
+            // so the total is kept.
+            var other: UInt32 = 0
+            cgroupRefusals = cgroupRefusals.filter { key, count in
+                let keep = cgroupUsage[key] != nil || key == Self.otherCgroups
+                if !keep { other &+= count }
+                return keep
+            }
+            if other > 0 { cgroupRefusals[Self.otherCgroups, default: 0] &+= other }
             if cgroupRefusals.count >= Self.maximumRefusalCgroups { key = Self.otherCgroups }
         }
         cgroupRefusals[key, default: 0] &+= 1
@@ -187,12 +195,18 @@ struct Accounting {
         return table.keys.sorted().map { ErrnoCount(errno: $0, count: table[$0]!) }
     }
 
-    /// Usage per cgroup (v2 stats), optionally only of `uid`'s charges.
+    /// Usage per cgroup (v2 stats), optionally only of `uid`'s charges. Root's view also lists cgroups that
+    /// hold nothing but were refused (bounded by ``maximumRefusalCgroups``).
     func cgroupStats(only uid: UInt32?) -> [(cgroup: String, bytes: UInt64, buffers: UInt32, refusals: UInt32)] {
         var totals: [String: (bytes: UInt64, buffers: UInt32)] = [:]
-        for charge in charges.values where uid == nil || charge.uid == uid {
-            totals[charge.cgroup, default: (0, 0)].bytes &+= charge.size
-            totals[charge.cgroup, default: (0, 0)].buffers &+= 1
+        if uid == nil {
+            for (key, used) in cgroupUsage { totals[key] = (used.bytes, used.buffers) }
+            for key in cgroupRefusals.keys where totals[key] == nil { totals[key] = (0, 0) }
+        } else {
+            for charge in charges.values where charge.uid == uid {
+                totals[charge.cgroup, default: (0, 0)].bytes &+= charge.size
+                totals[charge.cgroup, default: (0, 0)].buffers &+= 1
+            }
         }
         return totals.keys.sorted().map { ($0, totals[$0]!.bytes, totals[$0]!.buffers, uid == nil ? cgroupRefusals[$0] ?? 0 : 0) }
     }

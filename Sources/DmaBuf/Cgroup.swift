@@ -117,15 +117,18 @@ public struct CgroupFS: Sendable {
         return (true, UInt64(trimmed))
     }
 
-    /// Limit and usage of one cgroup. A `memory.max` that is absent (no memory controller here) or `max`
-    /// is no limit.
-    public func memory(of path: CgroupPath) -> CgroupMemory {
-        let max = value("memory.max", of: path).value
+    /// `memory.max`: nil when absent (no memory controller at this level, or the root) or `max`.
+    public func limit(of path: CgroupPath) -> UInt64? { value("memory.max", of: path).value }
+
+    /// Limit and usage of one cgroup; `memory.current` is read only where there is a limit. `limit` lets a
+    /// caller supply a `memory.max` it read recently.
+    public func memory(of path: CgroupPath, limit known: UInt64?? = nil) -> CgroupMemory {
+        let max = known ?? limit(of: path)
         return CgroupMemory(path: path, max: max, current: max == nil ? nil : value("memory.current", of: path).value)
     }
 
     /// The cgroup and every ancestor, nearest first: the path whose limits an allocation must fit.
-    public func chain(_ path: CgroupPath) -> [CgroupMemory] { path.selfAndAncestors.map(memory(of:)) }
+    public func chain(_ path: CgroupPath) -> [CgroupMemory] { path.selfAndAncestors.map { memory(of: $0) } }
 
     /// True when a cgroup2 file system is there (`cgroup.controllers` exists at the root).
     public var isMounted: Bool { (try? SmallFiles.read(root + "/cgroup.controllers", maximumBytes: 4096)) != nil }

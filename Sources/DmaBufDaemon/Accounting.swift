@@ -44,6 +44,8 @@ struct Accounting {
     private(set) var cgroupUsage: [String: CgroupUsage] = [:]
     /// Bytes admitted whose allocation has not finished, by cgroup: not yet visible anywhere else.
     private(set) var inFlight: [String: UInt64] = [:]
+    /// Limits and rule matches admission reads often (a reference: copies of the books share it).
+    let cgroupCache = CgroupCache()
 
     /// Charges `size` bytes and one buffer to `uid` for buffer `id`. False (and nothing changes) when
     /// `id` is already charged.

@@ -16,16 +16,20 @@ struct CgroupAdmission {
     let fs: CgroupFS
     let rules: [CgroupQuotaRule]
     let headroom: Bool
+    let cache: CgroupCache
 
-    init(config: DaemonConfig) {
+    init(config: DaemonConfig, cache: CgroupCache = CgroupCache()) {
         fs = CgroupFS(root: config.cgroupRoot)
         rules = config.cgroupQuotas
         headroom = config.cgroupAdmission
+        self.cache = cache
+        cache.use(rules: rules, root: fs.root)
     }
 
     /// The first rule whose pattern matches `path`, with its index.
     func rule(for path: String) -> (index: Int, rule: CgroupQuotaRule)? {
-        rules.enumerated().first { $0.element.matches(path) }.map { ($0.offset, $0.element) }
+        let index = cache.rule(for: path) { rules.firstIndex { $0.matches(path) } }
+        return index.map { ($0, rules[$0]) }
     }
 
     /// A refusal for `total` bytes in `count` buffers asked by a client in `cgroup`, or nil.
@@ -71,7 +75,8 @@ struct CgroupAdmission {
 
     /// The smallest headroom on the path, less what dmabufd holds outside `memory.current` and has in flight.
     private func headroomRefusal(_ path: CgroupPath, total: UInt64, books: Accounting) -> Refusal? {
-        for memory in fs.chain(path) {
+        for cgroup in path.selfAndAncestors {
+            let memory = fs.memory(of: cgroup, limit: cache.limit(of: cgroup) { fs.limit(of: cgroup) })
             guard let room = memory.headroom, let max = memory.max else { continue }
             let held = books.subtreeUsage(memory.path)
             let (reserved, overflow) = held.usage.outside.addingReportingOverflow(held.inFlight)
@@ -91,7 +96,7 @@ struct CgroupAdmission {
 extension Broker {
     /// Cgroup quotas and headroom for `session`; counts a refusal against its cgroup and uid.
     func admitCgroup(_ session: ClientSession, total: UInt64, count: UInt32, createsMemory: Bool) throws {
-        let admission = CgroupAdmission(config: config)
+        let admission = CgroupAdmission(config: config, cache: books.cgroupCache)
         guard let refusal = admission.refusal(cgroup: session.cgroup, total: total, count: count, createsMemory: createsMemory, books: books) else { return }
         books.countCgroupRefusal(session.cgroup)
         throw refusal
@@ -111,5 +116,41 @@ extension Broker {
     func firstTargetIsDaemonMemfd(_ heap: String) -> Bool {
         if case .udmabuf = resolver.chain(for: heap).first?.1 { return true }
         return false
+    }
+}
+
+/// What admission reads often and what changes rarely, kept between requests: each cgroup's `memory.max`
+/// (read again after ``limitLifetime``, so a changed limit counts within a second; `memory.current` is
+/// always read fresh) and which quota rule governs a path (until the rules change). Bounded: emptied at
+/// ``maximumEntries``.
+final class CgroupCache {
+    static let limitLifetime: Duration = .seconds(1)
+    static let maximumEntries = 4096
+    private var limits: [CgroupPath: (max: UInt64?, at: ContinuousClock.Instant)] = [:]
+    private var governing: [String: Int?] = [:]
+    private var rules: [CgroupQuotaRule] = []
+    private var root = ""
+
+    /// Forgets everything when the rules or the cgroup root changed (a reload).
+    func use(rules: [CgroupQuotaRule], root: String) {
+        guard rules != self.rules || root != self.root else { return }
+        (self.rules, self.root, limits, governing) = (rules, root, [:], [:])
+    }
+
+    func limit(of path: CgroupPath, read: () -> UInt64?) -> UInt64? {
+        let now = ContinuousClock.now
+        if let known = limits[path], now - known.at < Self.limitLifetime { return known.max }
+        if limits.count >= Self.maximumEntries { limits = [:] }
+        let max = read()
+        limits[path] = (max, now)
+        return max
+    }
+
+    func rule(for path: String, find: () -> Int?) -> Int? {
+        if let known = governing[path] { return known }
+        if governing.count >= Self.maximumEntries { governing = [:] }
+        let index = find()
+        governing[path] = .some(index)
+        return index
     }
 }

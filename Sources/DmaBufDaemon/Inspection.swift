@@ -97,7 +97,7 @@ extension Broker {
         stats.clients = StatsPage.fit(stats.clients, budget: StatsPage.budget(bare, version: version) / 2, size: { _ in 32 },
                                       bytes: \.bytes, merge: StatsPage.otherClients)
         guard version >= 2 else { return stats }
-        let admission = CgroupAdmission(config: config)
+        let admission = CgroupAdmission(config: config, cache: books.cgroupCache)
         let rows = books.cgroupStats(only: only).map {
             CgroupStats(cgroup: Validate.cgroupField($0.cgroup), bytes: $0.bytes, buffers: $0.buffers,
                         quotaBytes: admission.rule(for: $0.cgroup)?.rule.bytes ?? 0, refusals: $0.refusals)

@@ -286,7 +286,8 @@ extension Broker {
     /// gone, or whose path dmabufd refuses (see ``CgroupPath``), is not served: it could otherwise escape
     /// admission by cgroup. No unified hierarchy (cgroup v1 only): the path is "" and only the uid quotas
     /// apply.
-    func identify(_ fd: SharedFD, _ credentials: PeerCredentials) -> Result<(PidFD?, String), Refusal> {
+    /// `procDirectory` is for host tests.
+    func identify(_ fd: SharedFD, _ credentials: PeerCredentials, procDirectory: String = "/proc") -> Result<(PidFD?, String), Refusal> {
         let pid = credentials.pid
         let pidfd: PidFD
         do {
@@ -301,7 +302,7 @@ extension Broker {
         }
         let membership: CgroupMembership
         do {
-            membership = try CgroupMembership.of(pid: pid)
+            membership = try CgroupMembership.of(pid: pid, procDirectory: procDirectory)
         } catch {
             return .failure(Refusal(.noSuchProcess, .permissionDenied, "cannot read /proc/\(pid)/cgroup of the connecting process: \(error)",
                                     fix: "connect from a live process; dmabufd must see /proc/<pid> (no ProtectProc=invisible)"))

@@ -260,6 +260,40 @@ private let app = "/user.slice/user-1000.slice/user@1000.service/app.slice/app-f
         #expect(!pidfd.isAlive())
     }
 
+    /// A peer whose pid no longer names it (here: a reaped child's pid) is not served.
+    @Test func aPeerThatIsGoneIsRefused() throws {
+        try BrokerHarness.scenario { h in
+            let child = fork()
+            if child == 0 { _exit(0) }
+            var status: CInt = 0
+            _ = waitpid(child, &status, 0)
+            let (a, _) = try UnixSocket.pair()
+            guard case .failure(let refusal) = h.broker.identify(a, PeerCredentials(pid: child, uid: getuid(), gid: getgid())) else {
+                Issue.record("a reaped pid was identified")
+                return
+            }
+            #expect(refusal.errno == Errno.noSuchProcess.rawValue, "\(refusal.message)")
+        }
+    }
+
+    /// A cgroup path seen through another cgroup namespace (`/..`) is refused, naming the path.
+    @Test func aWeirdCgroupIsRefused() throws {
+        let proc = FileManager.default.temporaryDirectory.appendingPathComponent("dmabufd-proc-\(getpid())").path
+        defer { try? FileManager.default.removeItem(atPath: proc) }
+        try FileManager.default.createDirectory(atPath: proc + "/\(getpid())", withIntermediateDirectories: true)
+        try "0::/../../escape\n".write(toFile: proc + "/\(getpid())/cgroup", atomically: true, encoding: .utf8)
+        try BrokerHarness.scenario { h in
+            let (a, _) = try UnixSocket.pair()
+            let me = PeerCredentials(pid: getpid(), uid: getuid(), gid: getgid())
+            guard case .failure(let refusal) = h.broker.identify(a, me, procDirectory: proc) else {
+                Issue.record("a path with '..' was accepted")
+                return
+            }
+            #expect(refusal.errno == Errno.permissionDenied.rawValue)
+            #expect(refusal.message.contains("'/../../escape'") && refusal.message.contains("'..'"), "\(refusal.message)")
+        }
+    }
+
     @Test func theBrokerIdentifiesItsPeer() throws {
         try BrokerHarness.scenario { h in
             let (a, _) = try UnixSocket.pair()

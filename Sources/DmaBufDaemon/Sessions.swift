@@ -292,6 +292,8 @@ extension Broker {
         let pidfd: PidFD
         do {
             pidfd = try PidFD.ofPeer(fd.descriptor, pid: pid)
+        } catch let error as DmaBufError where error.errno == .tooManyOpenFiles || error.errno == .tooManyOpenFilesInSystem {
+            return .failure(Refusal(.tooManyOpenFiles, .limit, "dmabufd is out of file descriptors: \(error)", fix: "try again later"))
         } catch {
             return .failure(Refusal(.noSuchProcess, .permissionDenied, "cannot identify the connecting process (pid \(pid)): \(error)",
                                     fix: "connect from a live process; the kernel needs pidfds (Linux 5.3)"))

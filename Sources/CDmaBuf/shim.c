@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 // The uAPI layouts we rely on. A mismatch here means the headers changed under us: fail the build.
@@ -195,6 +196,39 @@ int CDmaBuf_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid) {
     *uid = cred.uid;
     *gid = cred.gid;
     return 0;
+}
+
+// Older libc headers lack these; the numbers are the kernel's ABI (asm-generic/socket.h, unistd.h).
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+
+int CDmaBuf_peer_pidfd(int sock) {
+    int pidfd = -1;
+    socklen_t len = sizeof(pidfd);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) != 0) {
+        return -1;
+    }
+    if (len != sizeof(pidfd) || pidfd < 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    return pidfd;  // the kernel makes it O_CLOEXEC
+}
+
+int CDmaBuf_pidfd_open(pid_t pid) {
+    // pidfd_open has no O_CLOEXEC flag: its fds are always close-on-exec.
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int CDmaBuf_pidfd_send_signal(int pidfd, int sig) {
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
 }
 
 struct cmsghdr *CDmaBuf_CMSG_FIRSTHDR(const struct msghdr *msg) {

@@ -367,7 +367,10 @@ public struct StatsCommand: ParsableCommand {
         abstract: "Show the daemon's accounting: per heap, per client uid, failures by errno, fences.",
         discussion: """
             --format openmetrics prints the OpenMetrics text format (metrics named dmabufd_*, ending with \
-            `# EOF`), for a node-exporter textfile collector or a scrape proxy. A quota shown as `-` is not set.
+            `# EOF`), for a node-exporter textfile collector or a scrape proxy. A quota shown as `-` is not set. \
+            Text and OpenMetrics also say whether this kernel charges heap memory to memory cgroups \
+            (dma_heap.mem_accounting=1). Rows the daemon summed to fit one message are shown as uid `others` and \
+            cgroup `(N more cgroups)`.
 
             JSON keys: buffers, bytes, leases, connectedClients, pendingFences, oldestPendingFenceMilliseconds, \
             heaps[] {heap, bytes, buffers, failures}, clients[] {uid, bytes, buffers, quotaBytes, quotaBuffers, \
@@ -387,11 +390,15 @@ public struct StatsCommand: ParsableCommand {
     public init() {}
 
     public func run() throws {
-        let stats = try withDaemon(connection) { try $0.stats() }
+        // Whether the kernel charges heap memory to cgroups is in the `heaps` reply (v2); a daemon that
+        // cannot say leaves the line out.
+        let (stats, accounting) = try withDaemon(connection) { daemon in
+            (try daemon.stats(), daemon.version >= 2 ? (try? daemon.heaps())?.memAccounting : nil)
+        }
         switch format {
-        case .text: Console.current.writeOut(DmaBufCLI.format(stats: stats))
+        case .text: Console.current.writeOut(DmaBufCLI.format(stats: stats, memAccounting: accounting))
         case .json: Console.current.writeOut(try encodeJSON(stats))
-        case .openmetrics: Console.current.writeOut(openMetrics(stats: stats))
+        case .openmetrics: Console.current.writeOut(openMetrics(stats: stats, memAccounting: accounting))
         }
     }
 }

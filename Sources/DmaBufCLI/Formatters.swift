@@ -206,7 +206,9 @@ public func format(layout: Layout, leaseReleased: Bool) -> String {
 }
 
 /// `stats`: totals, then tables per heap, per client and per errno.
-public func format(stats: Stats) -> String {
+/// `memAccounting`: whether the kernel charges heap memory to memory cgroups (from `heaps`); nil leaves
+/// the line out.
+public func format(stats: Stats, memAccounting: Bool? = nil) -> String {
     var text = ""
     text += "buffers:         \(stats.buffers) (\(human(bytes: stats.bytes)))\n"
     text += "leases:          \(stats.leases)\n"
@@ -216,6 +218,11 @@ public func format(stats: Stats) -> String {
     text += "\n"
     let failures = stats.failures.reduce(0) { $0 + UInt64($1.count) }
     text += "failures:        \(failures)\n"
+    if let memAccounting {
+        text += memAccounting
+            ? "memory cgroups:  the kernel charges heap memory (dma_heap.mem_accounting=1)\n"
+            : "memory cgroups:  the kernel does not charge heap memory; dmabufd counts what it holds against each cgroup\n"
+    }
     if !stats.heaps.isEmpty {
         var table = TextTable([.init("HEAP"), .init("ALLOCATED", .right), .init("BUFFERS", .right), .init("FAILURES", .right)])
         for heap in stats.heaps { table.append([heap.heap, human(bytes: heap.bytes), "\(heap.buffers)", "\(heap.failures)"]) }
@@ -228,7 +235,7 @@ public func format(stats: Stats) -> String {
         ])
         for c in stats.clients {
             table.append([
-                "\(c.uid)", human(bytes: c.bytes), "\(c.buffers)", humanQuota(bytes: c.quotaBytes), humanQuota(buffers: c.quotaBuffers),
+                c.uid == .max ? "others" : "\(c.uid)", human(bytes: c.bytes), "\(c.buffers)", humanQuota(bytes: c.quotaBytes), humanQuota(buffers: c.quotaBuffers),
                 "\(c.refusals)",
             ])
         }
@@ -264,7 +271,10 @@ public func format(stats: Stats) -> String {
 /// `dmabufd_cgroup_quota_bytes{cgroup}` (only where a quota is set), counter `dmabufd_cgroup_refusals_total{cgroup}`.
 /// Counters: `dmabufd_heap_allocation_failures_total{heap}`, `dmabufd_client_refusals_total{uid}`,
 /// `dmabufd_failures_total{errno}`. Label values are escaped for OpenMetrics after ``printable(_:)``.
-public func openMetrics(stats: Stats) -> String {
+/// With `memAccounting` (from `heaps`), also the gauge `dmabufd_kernel_charges_heap_memcg` (1: the kernel
+/// charges heap memory to memory cgroups). The daemon's summed rows keep their labels: `uid="4294967295"`,
+/// `cgroup="(N more cgroups)"`.
+public func openMetrics(stats: Stats, memAccounting: Bool? = nil) -> String {
     var out = ""
     func family(_ name: String, _ type: String, _ help: String, unit: String? = nil, _ samples: [(labels: String, value: String)]) {
         out += "# TYPE \(name) \(type)\n"
@@ -285,6 +295,10 @@ public func openMetrics(stats: Stats) -> String {
     family("dmabufd_pending_fences", "gauge", "Fences attached to buffers that have not signalled.", one(stats.pendingFences))
     family("dmabufd_oldest_pending_fence_seconds", "gauge", "How long the oldest unsignalled fence has waited; 0 when none.",
            unit: "seconds", [("", seconds(milliseconds: stats.oldestPendingFenceMilliseconds))])
+    if let memAccounting {
+        family("dmabufd_kernel_charges_heap_memcg", "gauge", "1 when the kernel charges heap allocations to memory cgroups (dma_heap.mem_accounting=1).",
+               one(memAccounting ? 1 : 0))
+    }
     family("dmabufd_heap_allocated_bytes", "gauge", "Bytes allocated from each heap through the daemon.", unit: "bytes",
            stats.heaps.map { (heap($0), "\($0.bytes)") })
     family("dmabufd_heap_buffers", "gauge", "Buffers allocated from each heap through the daemon.",

@@ -14,7 +14,22 @@ struct Usage {
 /// Charging is keyed by buffer id, so it is idempotent: a buffer is charged at most once and uncharged at
 /// most once, however revocation, disconnects and drain timers interleave.
 struct Accounting {
-    struct Charge { let uid: UInt32; let heap: String; let size: UInt64; let cgroup: String }
+    /// `inCgroup`: the owner cgroup's `memory.current` already counts these pages (the kernel charged
+    /// them there: a client's own memfd, or an allocation made in the client's cgroup), or dmabufd made
+    /// no memory for them (an import). Otherwise admission counts them against that cgroup's headroom.
+    struct Charge { let uid: UInt32; let heap: String; let size: UInt64; let cgroup: String; var inCgroup = false }
+
+    /// Usage per owner cgroup path (`""`: unknown), maintained with the charges.
+    struct CgroupUsage: Equatable {
+        var bytes: UInt64 = 0
+        var buffers: UInt32 = 0
+        /// Bytes whose pages are not in the owner cgroup's `memory.current`.
+        var outside: UInt64 = 0
+    }
+
+    /// Most cgroups whose refusals are counted one by one; the rest go to ``otherCgroups``.
+    static let maximumRefusalCgroups = 1024
+    static let otherCgroups = "(other cgroups)"
 
     private(set) var usage: [UInt32: Usage] = [:]
     private(set) var heapUsage: [String: (bytes: UInt64, buffers: UInt32)] = [:]
@@ -23,14 +38,24 @@ struct Accounting {
     private(set) var failuresByUID: [UInt32: [String: UInt32]] = [:]
     private(set) var heapFailures: [String: UInt32] = [:]
     /// Refusals by the refused client's cgroup (v2 stats).
+    /// Bounded: at ``maximumRefusalCgroups`` keys, the counters of cgroups that hold nothing are folded
+    /// into ``otherCgroups``; while still full, new cgroups are counted there too.
     private(set) var cgroupRefusals: [String: UInt32] = [:]
+    private(set) var cgroupUsage: [String: CgroupUsage] = [:]
+    /// Bytes admitted whose allocation has not finished, by cgroup: not yet visible anywhere else.
+    private(set) var inFlight: [String: UInt64] = [:]
+    /// Limits and rule matches admission reads often (a reference: copies of the books share it).
+    let cgroupCache = CgroupCache()
 
     /// Charges `size` bytes and one buffer to `uid` for buffer `id`. False (and nothing changes) when
     /// `id` is already charged.
     @discardableResult
-    mutating func charge(_ id: BufferID, uid: UInt32, heap: String, size: UInt64, cgroup: String = "") -> Bool {
+    mutating func charge(_ id: BufferID, uid: UInt32, heap: String, size: UInt64, cgroup: String = "", inCgroup: Bool = false) -> Bool {
         guard charges[id] == nil else { return false }
-        charges[id] = Charge(uid: uid, heap: heap, size: size, cgroup: cgroup)
+        charges[id] = Charge(uid: uid, heap: heap, size: size, cgroup: cgroup, inCgroup: inCgroup)
+        cgroupUsage[cgroup, default: CgroupUsage()].bytes &+= size
+        cgroupUsage[cgroup, default: CgroupUsage()].buffers &+= 1
+        if !inCgroup { cgroupUsage[cgroup, default: CgroupUsage()].outside &+= size }
         usage[uid, default: Usage()].bytes &+= size  // sums of admitted sizes: bounded by quotas far below 2^64
         usage[uid, default: Usage()].buffers &+= 1
         heapUsage[heap, default: (0, 0)].bytes &+= size
@@ -50,7 +75,59 @@ struct Accounting {
         heap.bytes -= min(heap.bytes, charge.size)
         heap.buffers -= min(heap.buffers, 1)
         heapUsage[charge.heap] = heap.buffers == 0 ? nil : heap
+        var group = cgroupUsage[charge.cgroup] ?? CgroupUsage()
+        group.bytes -= min(group.bytes, charge.size)
+        group.buffers -= min(group.buffers, 1)
+        if !charge.inCgroup { group.outside -= min(group.outside, charge.size) }
+        cgroupUsage[charge.cgroup] = group.buffers == 0 ? nil : group
         return true
+    }
+
+    /// Counts one refusal against `cgroup`, within the bound on distinct cgroups.
+    mutating func countCgroupRefusal(_ cgroup: String) {
+        var key = cgroup
+        if cgroupRefusals[key] == nil && cgroupRefusals.count >= Self.maximumRefusalCgroups {
+            // Cgroups that hold nothing give up their own counter; their counts move to the shared one,
+            // so the total is kept.
+            var other: UInt32 = 0
+            cgroupRefusals = cgroupRefusals.filter { key, count in
+                let keep = cgroupUsage[key] != nil || key == Self.otherCgroups
+                if !keep { other &+= count }
+                return keep
+            }
+            if other > 0 { cgroupRefusals[Self.otherCgroups, default: 0] &+= other }
+            if cgroupRefusals.count >= Self.maximumRefusalCgroups { key = Self.otherCgroups }
+        }
+        cgroupRefusals[key, default: 0] &+= 1
+    }
+
+    /// An asynchronous allocation admitted for `cgroup` and not finished: ``admit`` counts it against the
+    /// cgroup's headroom until ``finished(_:bytes:)``.
+    mutating func started(_ cgroup: String, bytes: UInt64) { inFlight[cgroup, default: 0] &+= bytes }
+
+    mutating func finished(_ cgroup: String, bytes: UInt64) {
+        let left = (inFlight[cgroup] ?? 0) - min(inFlight[cgroup] ?? 0, bytes)
+        inFlight[cgroup] = left == 0 ? nil : left
+    }
+
+    /// What dmabufd holds for owners in `path` and every cgroup below it.
+    func subtreeUsage(_ path: CgroupPath) -> (usage: CgroupUsage, inFlight: UInt64) {
+        var total = CgroupUsage()
+        for (key, used) in cgroupUsage where Self.within(key, path) {
+            total.bytes &+= used.bytes
+            total.buffers &+= used.buffers
+            total.outside &+= used.outside
+        }
+        let pending = inFlight.reduce(UInt64(0)) { Self.within($1.key, path) ? $0 &+ $1.value : $0 }
+        return (total, pending)
+    }
+
+    /// True when the cgroup path `key` is `path` or below it.
+    static func within(_ key: String, _ path: CgroupPath) -> Bool {
+        guard !key.isEmpty else { return false }
+        if path.isRoot { return true }
+        let prefix = path.description
+        return key == prefix || (key.hasPrefix(prefix) && key.utf8.dropFirst(prefix.utf8.count).first == UInt8(ascii: "/"))
     }
 
     mutating func countFailure(_ errno: Errno, uid: UInt32?) {
@@ -74,7 +151,7 @@ struct Accounting {
         let overCount = UInt64(used.buffers) + UInt64(count) > UInt64(quota.buffers)
         if overBytes || overCount {
             usage[uid, default: Usage()].refusals &+= 1
-            cgroupRefusals[cgroup, default: 0] &+= 1
+            countCgroupRefusal(cgroup)
             let what = overBytes
                 ? "\(ByteCount(Int(clamping: used.bytes))) held + \(ByteCount(Int(clamping: total))) asked > \(ByteCount(Int(clamping: quota.bytes)))"
                 : "\(used.buffers) buffers held, limit \(quota.buffers)"
@@ -120,12 +197,18 @@ struct Accounting {
         return table.keys.sorted().map { ErrnoCount(errno: $0, count: table[$0]!) }
     }
 
-    /// Usage per cgroup (v2 stats), optionally only of `uid`'s charges.
+    /// Usage per cgroup (v2 stats), optionally only of `uid`'s charges. Root's view also lists cgroups that
+    /// hold nothing but were refused (bounded by ``maximumRefusalCgroups``).
     func cgroupStats(only uid: UInt32?) -> [(cgroup: String, bytes: UInt64, buffers: UInt32, refusals: UInt32)] {
         var totals: [String: (bytes: UInt64, buffers: UInt32)] = [:]
-        for charge in charges.values where uid == nil || charge.uid == uid {
-            totals[charge.cgroup, default: (0, 0)].bytes &+= charge.size
-            totals[charge.cgroup, default: (0, 0)].buffers &+= 1
+        if uid == nil {
+            for (key, used) in cgroupUsage { totals[key] = (used.bytes, used.buffers) }
+            for key in cgroupRefusals.keys where totals[key] == nil { totals[key] = (0, 0) }
+        } else {
+            for charge in charges.values where charge.uid == uid {
+                totals[charge.cgroup, default: (0, 0)].bytes &+= charge.size
+                totals[charge.cgroup, default: (0, 0)].buffers &+= 1
+            }
         }
         return totals.keys.sorted().map { ($0, totals[$0]!.bytes, totals[$0]!.buffers, uid == nil ? cgroupRefusals[$0] ?? 0 : 0) }
     }
@@ -138,5 +221,7 @@ struct Accounting {
     }
 
     /// True when nothing is charged: the books are back to their baseline.
-    var isBalanced: Bool { charges.isEmpty && heapUsage.isEmpty && usage.values.allSatisfy { $0.bytes == 0 && $0.buffers == 0 } }
+    var isBalanced: Bool {
+        charges.isEmpty && heapUsage.isEmpty && cgroupUsage.isEmpty && inFlight.isEmpty && usage.values.allSatisfy { $0.bytes == 0 && $0.buffers == 0 }
+    }
 }

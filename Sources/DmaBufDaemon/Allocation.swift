@@ -14,7 +14,7 @@ extension Broker {
         try Validate.tag(a.tag)
         try Validate.size(a.size, config: config)
         try Validate.allocationFlags(fdFlags: a.fdFlags, heapFlags: a.heapFlags)
-        try admit(session, size: a.size)
+        try admit(session, size: a.size, daemonMemfd: firstTargetIsDaemonMemfd(a.heap))
         let record = try allocateOne(session, size: a.size, heap: a.heap, tag: a.tag, fdFlags: a.fdFlags)
         return (.buffer(info(record, for: session)), [record.fd])
     }
@@ -28,7 +28,7 @@ extension Broker {
         guard (1...UInt16(WireLimits.maximumBatchCount)).contains(b.count) else {
             throw Refusal(.invalidArgument, .invalidArgument, "count \(b.count) is outside 1...\(WireLimits.maximumBatchCount)")
         }
-        try admit(session, size: b.size, count: UInt32(b.count))
+        try admit(session, size: b.size, count: UInt32(b.count), daemonMemfd: firstTargetIsDaemonMemfd(b.heap))
         var made: [BufferRecord] = []
         do {
             for _ in 0..<b.count { made.append(try allocateOne(session, size: b.size, heap: b.heap, tag: b.tag, fdFlags: b.fdFlags)) }
@@ -108,7 +108,7 @@ extension Broker {
             throw Refusal(.overflow, .invalidArgument, "size \(u.size) rounded up to \(unit) bytes overflows 64 bits", fix: "ask for less")
         }
         try Validate.size(sum / unit * unit, config: config)
-        try admit(session, size: sum / unit * unit)
+        try admit(session, size: sum / unit * unit, daemonMemfd: true)
         guard resolver.chain(for: "udmabuf").first != nil else {
             throw Refusal(.noSuchFileOrDirectory, .noHeap, "udmabuf is not available", fix: "the kernel needs CONFIG_UDMABUF")
         }
@@ -133,13 +133,13 @@ extension Broker {
         guard u.ranges.allSatisfy({ Int($0.memfd) < memfds.count }) else {
             throw Refusal(.badFileDescriptor, .invalidArgument, "a range names a memfd the message does not carry")
         }
-        try admit(session, size: total)
+        try admit(session, size: total, createsMemory: false)
         let fd = try kernel.createUDmabuf(ranges: u.ranges.map { (memfds[Int($0.memfd)], $0.offset, $0.size) })
         // Memfd page runs are only meaningful within one memfd; over several the layout counts buffer pages.
         let used = Set(u.ranges.map(\.memfd))
         let single = used.count == 1 ? memfds[Int(used.first!)] : nil
         let record = try register(fd, session: session, heap: "udmabuf", tag: u.tag, memfd: single, ownedMemfd: false,
-                                  runs: single == nil ? nil : PageRuns(memfdRanges: u.ranges.map { ($0.offset, $0.size) }))
+                                  runs: single == nil ? nil : PageRuns(memfdRanges: u.ranges.map { ($0.offset, $0.size) }), clientMemory: true)
         return (.buffer(info(record, for: session)), [record.fd])
     }
 
@@ -157,7 +157,7 @@ extension Broker {
                           fix: "fetch buffer \(held.id) instead of importing it again")
         }
         try Validate.size(facts.size, config: config)
-        try admit(session, size: facts.size)
+        try admit(session, size: facts.size, createsMemory: false)
         let record = try register(fd, session: session, heap: "import", tag: tag, rename: false, facts: facts)
         // Every buffer reply carries the buffer, so a client can drop its own fd and keep the daemon's.
         return (.buffer(info(record, for: session)), [record.fd])
@@ -181,10 +181,16 @@ extension Broker {
         }
     }
 
-    /// Refuses requests that are over quota or would exhaust memory, before touching the kernel.
-    func admit(_ session: ClientSession, size: UInt64, count: UInt32 = 1) throws {
+    /// Refuses requests that are over quota or would exhaust memory, before touching the kernel: the uid's
+    /// quota and the connection's bound, MemAvailable, the cgroup quotas and the headroom of the client's
+    /// cgroup path (`createsMemory`: new pages, not an import or a client's memfd), the bound on dmabufd's
+    /// own memfds (`daemonMemfd`), and the fd store.
+    func admit(_ session: ClientSession, size: UInt64, count: UInt32 = 1, createsMemory: Bool = true, daemonMemfd: Bool = false) throws {
         try books.admit(uid: session.uid, cgroup: session.cgroup, size: size, count: count, sessionBuffers: session.owned.count, config: config,
                         memAvailable: kernel.memAvailable())
+        let total = size &* UInt64(count)  // books.admit refused an overflowing product
+        try admitCgroup(session, total: total, count: count, createsMemory: createsMemory)
+        if daemonMemfd { try admitDaemonMemfd(total) }
         guard fdStore.count + Int(count) <= Int(config.fdStoreMax) || !fdStore.enabled else {
             throw Refusal(.tooManyOpenFiles, .limit, "the fd store holds \(fdStore.count) buffers, fd_store_max \(config.fdStoreMax)",
                           fix: "release buffers, or raise fd_store_max with FileDescriptorStoreMax= in the unit")
@@ -194,7 +200,7 @@ extension Broker {
     /// Records a new buffer owned by `session`, names it `uid:pid:tag`, charges its owner and puts it in
     /// systemd's fd store.
     func register(_ fd: SharedFD, session: ClientSession, heap: String, tag: String, memfd: SharedFD? = nil, ownedMemfd: Bool = false,
-                  runs: PageRuns? = nil, rename: Bool = true, facts known: BufferFacts? = nil) throws -> BufferRecord {
+                  runs: PageRuns? = nil, rename: Bool = true, facts known: BufferFacts? = nil, clientMemory: Bool = false) throws -> BufferRecord {
         var name = "\(session.uid):\(session.credentials.pid):\(tag)"
         while name.utf8.count > DmaBuffer.maximumNameLength { name.removeLast() }
         if rename { try? kernel.setName(fd, name) } else { name = "" }
@@ -207,7 +213,10 @@ extension Broker {
         record.memfdRuns = runs
         buffers[record.id] = record
         session.owned.insert(record.id)
-        books.charge(record.id, uid: record.ownerUID, heap: heap, size: record.size, cgroup: record.ownerCgroup)
+        // A client's own memfd is in its cgroup already, and an import is memory dmabufd did not make:
+        // neither is counted against the cgroup's headroom again.
+        books.charge(record.id, uid: record.ownerUID, heap: heap, size: record.size, cgroup: record.ownerCgroup,
+                     inCgroup: clientMemory || (memfd != nil && !ownedMemfd) || heap == "import")
         record.stored = fdStore.store(record)
         logger.debug("buffer", metadata: ["id": "\(record.id)", "heap": "\(heap)", "size": "\(record.size)"])
         return record

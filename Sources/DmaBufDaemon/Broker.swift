@@ -31,6 +31,8 @@ public final class Broker: @unchecked Sendable {
     /// accept (and drop) a connection instead of spinning on a level-triggered readiness it cannot clear.
     var reserveFD: CInt = -1
     var listenerBackoff: UInt64?
+    /// The pidfd_open fallback (no SO_PEERPIDFD) has been logged once.
+    var warnedPidfdOpen = false
     var sessions: [CInt: ClientSession] = [:]
     var sessionsByID: [UInt64: ClientSession] = [:]
     var perUID: [UInt32: UIDCounts] = [:]

@@ -1,5 +1,9 @@
 import DmaBuf
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// dmabufd's configuration: `key = value` lines, `#` comments. Every key, its default and its meaning are
 /// listed in `docs/DESIGN.md` and in `systemd/dmabufd.conf`. Unknown keys and bad values are errors that
 /// name the line, so a typo never silently falls back to a default.
@@ -62,6 +66,20 @@ public struct DaemonConfig: Sendable, Equatable {
     /// `FileDescriptorStoreMax=`. Allocations beyond it are refused (EMFILE) rather than silently not stored.
     public var fdStoreMax: UInt32 = 16384
 
+    // Memory cgroups (docs/DESIGN.md, "Accounting model").
+    /// `max_daemon_memfd_bytes`: bytes in all memfds dmabufd itself creates for udmabufs, together. Those
+    /// pages are charged to dmabufd's own cgroup, whatever the client's, so they are bounded below the
+    /// unit's `MemoryMax=` (4G) less the daemon's own budget. Refused with ENOMEM beyond it.
+    public var maxDaemonMemfdBytes: UInt64 = 2 << 30
+    /// `cgroup_admission = yes|no`: refuse requests that do not fit the client's cgroup's memory headroom
+    /// (every ancestor's `memory.max − memory.current`). `no` leaves only the uid quotas and MemAvailable.
+    public var cgroupAdmission = true
+    /// `cgroup_root`: where the cgroup v2 file system is mounted (host tests use a tree of their own).
+    public var cgroupRoot = "/sys/fs/cgroup"
+    /// `cgroup_quota PATTERN = BYTES [BUFFERS] [each|together]`, in file order: the first matching rule
+    /// applies.
+    public var cgroupQuotas: [CgroupQuotaRule] = []
+
     public struct Quota: Sendable, Equatable {
         public var bytes: UInt64
         public var buffers: UInt32
@@ -107,84 +125,143 @@ public struct DaemonConfig: Sendable, Equatable {
 
     struct ConfigValueError: Error { var text: String }
 
-    private mutating func apply(key: String, value: String) throws {
+    /// A value's text and the ways to read it; each failure says what was expected.
+    struct Value {
+        let text: String
         func size() throws -> UInt64 {
-            guard let n = ByteCount.parse(value) else { throw ConfigValueError(text: "'\(value)' is not a size (like 4096, 64K, 512M, 1G)") }
+            guard let n = ByteCount.parse(text) else { throw ConfigValueError(text: "'\(text)' is not a size (like 4096, 64K, 512M, 1G)") }
             return UInt64(n)
         }
         func count() throws -> UInt32 {
-            guard let n = UInt32(value) else { throw ConfigValueError(text: "'\(value)' is not a count") }
+            guard let n = UInt32(text) else { throw ConfigValueError(text: "'\(text)' is not a count") }
             return n
         }
-        func list() -> [String] { value.split(separator: ",").map { $0.trimmingSpaces() }.filter { !$0.isEmpty } }
+        func positiveCount() throws -> UInt32 {
+            let n = try count()
+            guard n > 0 else { throw ConfigValueError(text: "'\(text)' must be positive") }
+            return n
+        }
+        func list() -> [String] { text.split(separator: ",").map { $0.trimmingSpaces() }.filter { !$0.isEmpty } }
+        func bool() throws -> Bool {
+            guard let b = parseBool(text) else { throw ConfigValueError(text: "'\(text)' is not yes/no") }
+            return b
+        }
+        func absolutePath() throws -> String {
+            guard text.hasPrefix("/") else { throw ConfigValueError(text: "'\(text)' must be an absolute path") }
+            return text
+        }
+    }
+
+    private mutating func apply(key: String, value: String) throws {
+        let v = Value(text: value)
+        // A cgroup quota's key holds a path pattern, whose dots are not key separators.
+        if key == "cgroup_quota" || key.hasPrefix("cgroup_quota ") || key.hasPrefix("cgroup_quota\t") {
+            return try addCgroupQuota(pattern: key.dropFirst("cgroup_quota".count).trimmingSpaces(), v)
+        }
         let parts = key.split(separator: ".").map(String.init)
-        switch parts.first {
-        case "socket" where parts.count == 1:
-            guard value.hasPrefix("/") else { throw ConfigValueError(text: "'\(value)' must be an absolute path") }
-            guard value.utf8.count < 108 else { throw ConfigValueError(text: "path longer than 107 bytes (sun_path)") }
-            socketPath = value
-        case "socket_mode" where parts.count == 1:
-            guard let mode = UInt32(value, radix: 8), mode <= 0o777 else { throw ConfigValueError(text: "'\(value)' is not an octal mode like 0660") }
+        if parts.count == 1, try applyService(key, v) { return }
+        if parts.count == 1, try applyMemory(key, v) { return }
+        if parts.first == "quota" || parts.first == "policy" { return try applyQuotaOrPolicy(parts, v) }
+        try applyBound(key: key, v)
+    }
+
+    /// Where the daemon listens and keeps its state, devices, logging.
+    private mutating func applyService(_ key: String, _ v: Value) throws -> Bool {
+        switch key {
+        case "socket":
+            guard v.text.utf8.count < 108 else { throw ConfigValueError(text: "path longer than 107 bytes (sun_path)") }
+            socketPath = try v.absolutePath()
+        case "socket_mode":
+            guard let mode = UInt32(v.text, radix: 8), mode <= 0o777 else { throw ConfigValueError(text: "'\(v.text)' is not an octal mode like 0660") }
             socketMode = mode
-        case "max_buffer_size" where parts.count == 1:
-            let bytes = try size()
-            guard bytes > 0 else { throw ConfigValueError(text: "'\(value)' must be positive") }
-            maxBufferSize = bytes
-        case "max_buffers_per_client" where parts.count == 1:
-            maxBuffersPerClient = try count()
-        case "quota" where parts.count == 3 && parts[1] == "default":
-            try setQuota(&defaultQuota, field: parts[2], size: size, count: count)
-        case "quota" where parts.count == 4 && parts[1] == "uid":
-            guard let uid = UInt32(parts[2]) else { throw ConfigValueError(text: "'\(parts[2])' is not a uid") }
-            var quota = quotas[uid] ?? defaultQuota
-            try setQuota(&quota, field: parts[3], size: size, count: count)
-            quotas[uid] = quota
-        case "policy" where parts.count == 2:
-            let chain = list()
-            guard !chain.isEmpty else { throw ConfigValueError(text: "a policy needs at least one heap") }
-            policies[parts[1]] = chain
-        case "physical_addresses" where parts.count == 1:
+        case "physical_addresses":
             var uids: Set<UInt32> = [0]
-            for item in list() where item != "root" {
+            for item in v.list() where item != "root" {
                 guard let uid = UInt32(item) else { throw ConfigValueError(text: "'\(item)' is neither 'root' nor a uid") }
                 uids.insert(uid)
             }
             physicalAddressUIDs = uids
-        case "revoke_deadline" where parts.count == 1:
-            guard let d = parseDuration(value) else { throw ConfigValueError(text: "'\(value)' is not a duration (like 500ms, 5s, 1m)") }
+        case "revoke_deadline":
+            guard let d = parseDuration(v.text) else { throw ConfigValueError(text: "'\(v.text)' is not a duration (like 500ms, 5s, 1m)") }
             revokeDeadline = d
-        case "heap_directory" where parts.count == 1:
-            heapDirectory = value
-        case "udmabuf_device" where parts.count == 1:
-            udmabufDevice = value
-        case "fd_store" where parts.count == 1:
-            guard let b = parseBool(value) else { throw ConfigValueError(text: "'\(value)' is not yes/no") }
-            fdStore = b
-        case "state_directory" where parts.count == 1:
-            stateDirectory = value
-        case "log_level" where parts.count == 1:
+        case "heap_directory": heapDirectory = v.text
+        case "udmabuf_device": udmabufDevice = v.text
+        case "fd_store": fdStore = try v.bool()
+        case "state_directory": stateDirectory = v.text
+        case "log_level":
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
-            guard levels.contains(value) else { throw ConfigValueError(text: "'\(value)' is not one of \(levels.joined(separator: ", "))") }
-            logLevel = value
+            guard levels.contains(v.text) else { throw ConfigValueError(text: "'\(v.text)' is not one of \(levels.joined(separator: ", "))") }
+            logLevel = v.text
+        default: return false
+        }
+        return true
+    }
+
+    /// Sizes of requests, memory the daemon itself creates, and cgroup admission.
+    private mutating func applyMemory(_ key: String, _ v: Value) throws -> Bool {
+        switch key {
+        case "max_buffer_size":
+            let bytes = try v.size()
+            guard bytes > 0 else { throw ConfigValueError(text: "'\(v.text)' must be positive") }
+            maxBufferSize = bytes
+        case "max_buffers_per_client": maxBuffersPerClient = try v.count()
+        case "max_daemon_memfd_bytes": maxDaemonMemfdBytes = try v.size()
+        case "cgroup_admission": cgroupAdmission = try v.bool()
+        case "cgroup_root": cgroupRoot = try v.absolutePath()
+        default: return false
+        }
+        return true
+    }
+
+    private mutating func applyQuotaOrPolicy(_ parts: [String], _ v: Value) throws {
+        switch parts[0] {
+        case "quota" where parts.count == 3 && parts[1] == "default":
+            try setQuota(&defaultQuota, field: parts[2], v)
+        case "quota" where parts.count == 4 && parts[1] == "uid":
+            guard let uid = UInt32(parts[2]) else { throw ConfigValueError(text: "'\(parts[2])' is not a uid") }
+            var quota = quotas[uid] ?? defaultQuota
+            try setQuota(&quota, field: parts[3], v)
+            quotas[uid] = quota
+        case "policy" where parts.count == 2:
+            let chain = v.list()
+            guard !chain.isEmpty else { throw ConfigValueError(text: "a policy needs at least one heap") }
+            policies[parts[1]] = chain
         default:
-            try applyBound(key: key, value: value, size: size, count: count)
+            throw ConfigValueError(text: "unknown key")
         }
     }
 
+    /// `cgroup_quota PATTERN = BYTES [BUFFERS] [each|together]`.
+    private mutating func addCgroupQuota(pattern: String, _ v: Value) throws {
+        guard cgroupQuotas.count < CgroupQuotaRule.maximumRules else {
+            throw ConfigValueError(text: "more than \(CgroupQuotaRule.maximumRules) cgroup_quota lines")
+        }
+        if let problem = CgroupQuotaRule.problem(with: pattern) { throw ConfigValueError(text: problem) }
+        let words = v.text.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
+        guard (1...3).contains(words.count) else { throw ConfigValueError(text: "expected 'BYTES [BUFFERS] [each|together]', got '\(v.text)'") }
+        var rule = CgroupQuotaRule(pattern: pattern, bytes: try Value(text: words[0]).size())
+        for word in words.dropFirst() {
+            switch word {
+            case "each": rule.together = false
+            case "together": rule.together = true
+            default: rule.buffers = try Value(text: word).count()
+            }
+        }
+        cgroupQuotas.append(rule)
+    }
+
     /// The bounds on what clients can make the daemon hold.
-    private mutating func applyBound(key: String, value: String, size: () throws -> UInt64, count: () throws -> UInt32) throws {
+    private mutating func applyBound(key: String, _ v: Value) throws {
         switch key {
         case "hello_timeout":
-            guard let d = parseDuration(value), d > .zero else { throw ConfigValueError(text: "'\(value)' is not a positive duration (like 500ms, 5s)") }
+            guard let d = parseDuration(v.text), d > .zero else { throw ConfigValueError(text: "'\(v.text)' is not a positive duration (like 500ms, 5s)") }
             helloTimeout = d
         case "max_outbox_bytes":
-            let bytes = try size()
-            guard bytes > 0, bytes <= UInt64(UInt32.max) else { throw ConfigValueError(text: "'\(value)' must be between 1 and 4G") }
+            let bytes = try v.size()
+            guard bytes > 0, bytes <= UInt64(UInt32.max) else { throw ConfigValueError(text: "'\(v.text)' must be between 1 and 4G") }
             maxOutboxBytes = UInt32(bytes)
         case let name where Self.boundKeys[name] != nil:
-            let n = try count()
-            guard n > 0 else { throw ConfigValueError(text: "'\(value)' must be positive") }
-            self[keyPath: Self.boundKeys[name]!] = n
+            self[keyPath: Self.boundKeys[name]!] = try v.positiveCount()
         default:
             throw ConfigValueError(text: "unknown key")
         }
@@ -201,10 +278,10 @@ public struct DaemonConfig: Sendable, Equatable {
         "fd_store_max": \.fdStoreMax,
     ] }
 
-    private func setQuota(_ quota: inout Quota, field: String, size: () throws -> UInt64, count: () throws -> UInt32) throws {
+    private func setQuota(_ quota: inout Quota, field: String, _ v: Value) throws {
         switch field {
-        case "bytes": quota.bytes = try size()
-        case "buffers": quota.buffers = try count()
+        case "bytes": quota.bytes = try v.size()
+        case "buffers": quota.buffers = try v.count()
         default: throw ConfigValueError(text: "quota field must be 'bytes' or 'buffers'")
         }
     }
@@ -237,5 +314,46 @@ extension StringProtocol {
         while let f = s.first, f == " " || f == "\t" || f == "\r" { s = s.dropFirst() }
         while let l = s.last, l == " " || l == "\t" || l == "\r" { s = s.dropLast() }
         return String(s)
+    }
+}
+
+/// A per-cgroup quota: `cgroup_quota PATTERN = BYTES [BUFFERS] [each|together]`.
+///
+/// `PATTERN` is matched against a cgroup's path without its leading `/` (`user.slice/user-1000.slice/...`)
+/// with fnmatch(3) and `FNM_PATHNAME`: `*`, `?` and `[...]` never match a `/`. The first rule in the file
+/// that matches a cgroup governs it. A governed cgroup's quota covers what dmabufd holds for owners in it
+/// and every cgroup below it. `each` (the default): every matching cgroup has the whole quota to itself.
+/// `together`: all cgroups the rule governs share one quota. A uid's own quota still caps its total.
+public struct CgroupQuotaRule: Sendable, Equatable {
+    public static let maximumRules = 256
+    public static let maximumPatternLength = 512
+
+    public var pattern: String
+    public var bytes: UInt64
+    /// `UInt32.max`: no buffer limit.
+    public var buffers: UInt32 = .max
+    public var together = false
+
+    public init(pattern: String, bytes: UInt64, buffers: UInt32 = .max, together: Bool = false) {
+        self.pattern = pattern.hasPrefix("/") ? String(pattern.dropFirst()) : pattern
+        self.bytes = bytes; self.buffers = buffers; self.together = together
+    }
+
+    /// Why a pattern is refused at load; nil when acceptable.
+    static func problem(with pattern: String) -> String? {
+        if pattern.isEmpty { return "cgroup_quota needs a cgroup path pattern: 'cgroup_quota PATTERN = BYTES [BUFFERS]'" }
+        if pattern.utf8.count > maximumPatternLength { return "pattern longer than \(maximumPatternLength) bytes" }
+        if pattern.utf8.contains(where: { $0 < 0x20 || $0 == 0x7F || $0 == UInt8(ascii: " ") }) { return "pattern holds a space or control character" }
+        let body = pattern.hasPrefix("/") ? pattern.dropFirst() : Substring(pattern)
+        if body.split(separator: "/", omittingEmptySubsequences: false).contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }) {
+            return "pattern has an empty, '.' or '..' component"
+        }
+        return nil
+    }
+
+    /// True when the rule's pattern matches `path` (the whole path, component by component).
+    public func matches(_ path: String) -> Bool {
+        let subject = path.hasPrefix("/") ? String(path.dropFirst()) : path
+        return fnmatch(pattern, subject, FNM_PATHNAME) == 0
     }
 }

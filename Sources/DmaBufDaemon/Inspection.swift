@@ -78,20 +78,70 @@ extension Broker {
         return max(count - 1 - (record.stored ? 1 : 0), 0)
     }
 
-    /// Root sees everything; anyone else sees only its own uid's usage, failures and heap totals.
+    /// Root sees everything; anyone else sees only its own uid's usage, failures and heap totals. The reply
+    /// always fits one message (docs/PROTOCOL.md, `stats`): per-uid and per-cgroup rows are sorted by
+    /// bytes, and the rows that do not fit are summed into one last row.
     func stats(for session: ClientSession) -> Stats {
         let only: UInt32? = session.uid == 0 ? nil : session.uid
         let oldest = fences.values.filter { only == nil || $0.uid == only }.map(\.since).min().map { ContinuousClock.now - $0 }
         let totals = books.totals(only: only)
-        return Stats(heaps: books.heapStats(only: only), clients: books.clientStats(only: only, config: config),
-                     failures: books.failureStats(only: only),
-                     connectedClients: UInt32(clamping: only.map { perUID[$0]?.connections ?? 0 } ?? sessions.count),
-                     buffers: totals.buffers, bytes: totals.bytes,
-                     leases: UInt32(clamping: only.map { perUID[$0]?.leases ?? 0 } ?? leases.count),
-                     pendingFences: UInt32(clamping: only.map { perUID[$0]?.fences ?? 0 } ?? fences.count),
-                     oldestPendingFenceMilliseconds: oldest.map { UInt64(max($0.wholeMilliseconds, 0)) } ?? 0,
-                     cgroups: books.cgroupStats(only: only).map {
-                         CgroupStats(cgroup: Validate.cgroupField($0.cgroup), bytes: $0.bytes, buffers: $0.buffers, quotaBytes: 0, refusals: $0.refusals)
-                     })
+        var stats = Stats(heaps: books.heapStats(only: only), clients: books.clientStats(only: only, config: config),
+                          failures: books.failureStats(only: only),
+                          connectedClients: UInt32(clamping: only.map { perUID[$0]?.connections ?? 0 } ?? sessions.count),
+                          buffers: totals.buffers, bytes: totals.bytes,
+                          leases: UInt32(clamping: only.map { perUID[$0]?.leases ?? 0 } ?? leases.count),
+                          pendingFences: UInt32(clamping: only.map { perUID[$0]?.fences ?? 0 } ?? fences.count),
+                          oldestPendingFenceMilliseconds: oldest.map { UInt64(max($0.wholeMilliseconds, 0)) } ?? 0)
+        let version = session.version ?? WireLimits.baseVersion
+        var bare = stats
+        bare.clients = []
+        stats.clients = StatsPage.fit(stats.clients, budget: StatsPage.budget(bare, version: version) / 2, size: { _ in 32 },
+                                      bytes: \.bytes, merge: StatsPage.otherClients)
+        guard version >= 2 else { return stats }
+        let admission = CgroupAdmission(config: config, cache: books.cgroupCache)
+        let rows = books.cgroupStats(only: only).map {
+            CgroupStats(cgroup: Validate.cgroupField($0.cgroup), bytes: $0.bytes, buffers: $0.buffers,
+                        quotaBytes: admission.rule(for: $0.cgroup)?.rule.bytes ?? 0, refusals: $0.refusals)
+        }
+        stats.cgroups = StatsPage.fit(rows, budget: StatsPage.budget(stats, version: version), size: { 26 + $0.cgroup.utf8.count },
+                                      bytes: \.bytes, merge: StatsPage.otherCgroups)
+        return stats
+    }
+}
+
+/// Keeps a `stats` reply within one message (root's rows grow with uids and cgroups).
+enum StatsPage {
+    /// Bytes left in one message after everything already in `stats`.
+    static func budget(_ stats: Stats, version: UInt16) -> Int {
+        WireLimits.maximumMessageSize - WireMessage.encode(.stats(stats), requestID: 0, version: version).count
+    }
+
+    /// The rows, largest first, as many as fit `budget` (and the list bound) with room for one more row
+    /// that sums the rest.
+    static func fit<Row>(_ rows: [Row], budget: Int, size: (Row) -> Int, bytes: KeyPath<Row, UInt64>, merge: ([Row]) -> Row) -> [Row] {
+        let total = rows.reduce(0) { $0 + size($1) }
+        guard total > budget || rows.count > WireLimits.maximumListEntries else { return rows }
+        let sorted = rows.sorted { $0[keyPath: bytes] > $1[keyPath: bytes] }
+        let reserve = size(merge(sorted))
+        var kept: [Row] = []
+        var used = reserve
+        for row in sorted where used + size(row) <= budget && kept.count < WireLimits.maximumListEntries - 1 {
+            kept.append(row)
+            used += size(row)
+        }
+        return kept + [merge(Array(sorted.dropFirst(kept.count)))]
+    }
+
+    /// Sums the rows left out under the cgroup name `(N more cgroups)`, which no cgroup path can be
+    /// (paths start with `/`, shortened ones with `...`).
+    static func otherCgroups(_ rows: [CgroupStats]) -> CgroupStats {
+        CgroupStats(cgroup: "(\(rows.count) more cgroups)", bytes: rows.reduce(0) { $0 &+ $1.bytes },
+                    buffers: rows.reduce(0) { $0 &+ $1.buffers }, quotaBytes: 0, refusals: rows.reduce(0) { $0 &+ $1.refusals })
+    }
+
+    /// Sums the uids left out under uid 4294967295, `(uid_t)-1`, which no process has.
+    static func otherClients(_ rows: [ClientStats]) -> ClientStats {
+        ClientStats(uid: .max, bytes: rows.reduce(0) { $0 &+ $1.bytes }, buffers: rows.reduce(0) { $0 &+ $1.buffers },
+                    quotaBytes: 0, quotaBuffers: 0, refusals: rows.reduce(0) { $0 &+ $1.refusals })
     }
 }

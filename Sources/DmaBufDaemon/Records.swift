@@ -10,6 +10,9 @@ final class ClientSession {
     let credentials: PeerCredentials
     /// The peer's cgroup path (`/proc/<pid>/cgroup`, unified hierarchy), for logs and listings.
     let cgroup: String
+    /// The peer's pidfd, taken at accept (nil for sessions the host tests adopt): the process that
+    /// connected, which no reused pid can stand in for.
+    var pidfd: PidFD?
     var version: UInt16?
     var clientName = ""
     var owned: Set<BufferID> = []

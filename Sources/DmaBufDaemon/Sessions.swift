@@ -24,7 +24,10 @@ extension Broker {
                 return  // EAGAIN: drained
             }
             guard let credentials = try? UnixSocket.peerCredentials(fd.descriptor) else { continue }
-            adopt(fd, credentials: credentials, cgroup: cgroupOf(pid: credentials.pid))
+            switch identify(fd, credentials) {
+            case .success(let (pidfd, cgroup)): adopt(fd, credentials: credentials, cgroup: cgroup, pidfd: pidfd)
+            case .failure(let refusal): refuseConnection(fd, refusal, uid: credentials.uid)
+            }
         }
     }
 
@@ -48,17 +51,16 @@ extension Broker {
     /// Serves a connected socket as a client with these credentials. Refused (closed at once) beyond
     /// `max_connections` or `max_connections_per_uid`. Host tests call this with socket pairs.
     @discardableResult
-    func adopt(_ fd: SharedFD, credentials: PeerCredentials, cgroup: String = "") -> ClientSession? {
+    func adopt(_ fd: SharedFD, credentials: PeerCredentials, cgroup: String = "", pidfd: PidFD? = nil) -> ClientSession? {
         let uid = credentials.uid
         guard sessions.count < Int(config.maxConnections), perUID[uid, default: UIDCounts()].connections < Int(config.maxConnectionsPerUID) else {
-            logger.notice("connection refused: over max_connections or max_connections_per_uid", metadata: ["uid": "\(uid)"])
-            let refusal = Refusal(.tooManyOpenFiles, .limit, "too many connections (max_connections \(config.maxConnections), per uid \(config.maxConnectionsPerUID))",
-                                  fix: "close other connections of this uid")
-            _ = try? UnixSocket.send(fd.descriptor, bytes: WireMessage.encode(.error(refusal), requestID: 0), flags: CInt(MSG_DONTWAIT))
+            refuseConnection(fd, Refusal(.tooManyOpenFiles, .limit, "too many connections (max_connections \(config.maxConnections), per uid \(config.maxConnectionsPerUID))",
+                                         fix: "close other connections of this uid"), uid: uid)
             return nil
         }
         setNonBlocking(fd.descriptor)
         let session = ClientSession(id: nextSessionID, socket: fd, credentials: credentials, cgroup: cgroup)
+        session.pidfd = pidfd
         nextSessionID += 1
         do {
             try loop.register(fd.descriptor) { [unowned self] events in self.sessionEvent(session, events) }
@@ -272,11 +274,52 @@ extension Broker {
         if perUID[uid]?.isEmpty == true { perUID[uid] = nil }
     }
 
-    func cgroupOf(pid: Int32) -> String {
-        guard let text = try? SmallFiles.read("/proc/\(pid)/cgroup") else { return "" }
-        for line in text.split(separator: "\n") where line.hasPrefix("0::") {
-            return String(line.dropFirst(3))
+    /// Answers a connection that is not served with one error (request id 0) and drops it.
+    private func refuseConnection(_ fd: SharedFD, _ refusal: Refusal, uid: UInt32) {
+        logger.notice("connection refused", metadata: ["uid": "\(uid)", "why": "\(refusal.message)"])
+        _ = try? UnixSocket.send(fd.descriptor, bytes: WireMessage.encode(.error(refusal), requestID: 0), flags: CInt(MSG_DONTWAIT))
+    }
+
+    /// The peer's pidfd and cgroup v2 path. The pidfd is taken first (`SO_PEERPIDFD`, else `pidfd_open` of
+    /// the `SO_PEERCRED` pid), then `/proc/<pid>/cgroup` is read, then the pidfd must still name a live
+    /// process: so the pid cannot have been reused by another process while it was read. A peer that is
+    /// gone, or whose path dmabufd refuses (see ``CgroupPath``), is not served: it could otherwise escape
+    /// admission by cgroup. No unified hierarchy (cgroup v1 only): the path is "" and only the uid quotas
+    /// apply.
+    /// `procDirectory` is for host tests.
+    func identify(_ fd: SharedFD, _ credentials: PeerCredentials, procDirectory: String = "/proc") -> Result<(PidFD?, String), Refusal> {
+        let pid = credentials.pid
+        let pidfd: PidFD
+        do {
+            pidfd = try PidFD.ofPeer(fd.descriptor, pid: pid)
+        } catch let error as DmaBufError where error.errno == .tooManyOpenFiles || error.errno == .tooManyOpenFilesInSystem {
+            return .failure(Refusal(.tooManyOpenFiles, .limit, "dmabufd is out of file descriptors: \(error)", fix: "try again later"))
+        } catch {
+            return .failure(Refusal(.noSuchProcess, .permissionDenied, "cannot identify the connecting process (pid \(pid)): \(error)",
+                                    fix: "connect from a live process; the kernel needs pidfds (Linux 5.3)"))
         }
-        return text.split(separator: "\n").first.map(String.init) ?? ""
+        if pidfd.source == .pidfdOpen, !warnedPidfdOpen {
+            warnedPidfdOpen = true
+            logger.warning("SO_PEERPIDFD is not available (Linux < 6.5): identifying clients by pidfd_open of their pid, which a pid reused right after connect could mislead")
+        }
+        let membership: CgroupMembership
+        do {
+            membership = try CgroupMembership.of(pid: pid, procDirectory: procDirectory)
+        } catch {
+            return .failure(Refusal(.noSuchProcess, .permissionDenied, "cannot read /proc/\(pid)/cgroup of the connecting process: \(error)",
+                                    fix: "connect from a live process; dmabufd must see /proc/<pid> (no ProtectProc=invisible)"))
+        }
+        guard pidfd.isAlive() else {
+            return .failure(Refusal(.noSuchProcess, .permissionDenied, "the connecting process (pid \(pid)) exited before it was identified",
+                                    fix: "keep the connecting process alive"))
+        }
+        switch membership {
+        case .unified(let path): return .success((pidfd, path.description))
+        case .none: return .success((pidfd, ""))
+        case .refused(let path, let reason):
+            return .failure(Refusal(.permissionDenied, .permissionDenied,
+                                    "the connecting process's cgroup '\(Validate.cgroupField(path))' is not accepted: \(reason)",
+                                    fix: "connect from a cgroup with a plain path (no '..', control characters, at most \(CgroupPath.maximumLength) bytes, \(CgroupPath.maximumDepth) levels)"))
+        }
     }
 }

@@ -24,5 +24,5 @@ if arguments.first == "--child" {
 }
 let suite = HeapTests.all + UDmabufTests.all + DmaBufferTests.all + FenceTests.all + PageRunTests.all
     + DaemonTests.all + LeaseTests.all + CLITests.all + CMATests.all + FaultTests.all + LoadTests.all + HostileTests.all
-    + CLibTests.all
+    + CLibTests.all + CgroupTests.all
 exit(Harness.main(tests: suite, filter: arguments))

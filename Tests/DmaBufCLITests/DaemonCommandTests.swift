@@ -197,6 +197,21 @@ struct DaemonCommandTests {
         #expect(try JSONDecoder().decode(Stats.self, from: Data(json.stdout.utf8)) == Fixtures.stats)
     }
 
+    @Test func statsSayWhetherTheKernelChargesHeapMemory() throws {
+        for accounting in [true, false] {
+            let daemon = try FakeDaemon { request in
+                if case .listHeaps = request { return FakeReply(response: .heaps(HeapsReply(heaps: [], policies: [], memAccounting: accounting))) }
+                return FakeReply(response: .stats(Fixtures.stats))
+            }
+            defer { daemon.stop() }
+            let text = run(["stats", "--socket", daemon.path]).stdout
+            #expect(text == format(stats: Fixtures.stats, memAccounting: accounting))
+            #expect(text.contains(accounting ? "the kernel charges heap memory" : "the kernel does not charge heap memory"))
+            let metrics = run(["stats", "--socket", daemon.path, "--format", "openmetrics"]).stdout
+            #expect(metrics.contains("dmabufd_kernel_charges_heap_memcg \(accounting ? 1 : 0)\n"))
+        }
+    }
+
     @Test func environmentSocketIsTheDefault() throws {
         #expect(try ConnectionOptions.parse([]).socket == DmaBufConnection.defaultSocketPath)
     }

@@ -154,3 +154,44 @@ struct ConfigTests {
         expectBad("max_buffer_size = 8M\r\nfd_store = maybe\r\n", line: 2, "fd_store", "'maybe' is not yes/no")
     }
 }
+
+@Suite struct CgroupConfigTests {
+    @Test func cgroupKeys() throws {
+        let config = try DaemonConfig(parsing: """
+            # flatpak apps: 512 MiB and 64 buffers each
+            cgroup_quota user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-*.scope = 512M 64
+            cgroup_quota /games.slice/*.scope = 1G together
+            cgroup_quota\tmachine.slice/* = 2G 10 each
+            max_daemon_memfd_bytes = 256M
+            cgroup_admission = no
+            cgroup_root = /tmp/cg
+            """)
+        #expect(config.cgroupQuotas == [
+            CgroupQuotaRule(pattern: "user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-*.scope", bytes: 512 << 20, buffers: 64),
+            CgroupQuotaRule(pattern: "games.slice/*.scope", bytes: 1 << 30, together: true),
+            CgroupQuotaRule(pattern: "machine.slice/*", bytes: 2 << 30, buffers: 10),
+        ])
+        #expect(config.maxDaemonMemfdBytes == 256 << 20)
+        #expect(config.cgroupAdmission == false)
+        #expect(config.cgroupRoot == "/tmp/cg")
+        let rule = config.cgroupQuotas[0]
+        #expect(rule.matches("/user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-org.gnome.Maps-1234.scope"))
+        #expect(!rule.matches("/user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-x.scope/child"), "* never crosses /")
+        #expect(!rule.matches("/user.slice/user-1000.slice/user@1000.service/app.slice/app-gnome-x.scope"))
+    }
+
+    @Test func badCgroupQuotasNameTheLine() {
+        let prelude = "socket = /tmp/s\n\n\n\n"
+        expectBad(prelude + "cgroup_quota = 1G\n", line: 5, "needs a cgroup path pattern")
+        expectBad(prelude + "cgroup_quota a/../b = 1G\n", line: 5, "'..' component")
+        expectBad(prelude + "cgroup_quota a//b = 1G\n", line: 5, "empty")
+        expectBad(prelude + "cgroup_quota a = lots\n", line: 5, "'lots' is not a size")
+        expectBad(prelude + "cgroup_quota a = 1G 2 3 4\n", line: 5, "BYTES [BUFFERS] [each|together]")
+        expectBad(prelude + "cgroup_quota a = 1G many\n", line: 5, "'many' is not a count")
+        expectBad(prelude + "cgroup_quota " + String(repeating: "a", count: 600) + " = 1G\n", line: 5, "longer than 512 bytes")
+        expectBad(prelude + "cgroup_root = relative\n", line: 5, "absolute path")
+        expectBad(prelude + "max_daemon_memfd_bytes = -1\n", line: 5, "not a size")
+        let many = (0..<CgroupQuotaRule.maximumRules).map { "cgroup_quota r\($0) = 1M\n" }.joined()
+        expectBad(many + "cgroup_quota last = 1M\n", line: CgroupQuotaRule.maximumRules + 1, "more than \(CgroupQuotaRule.maximumRules) cgroup_quota lines")
+    }
+}

@@ -128,6 +128,20 @@ int CDmaBuf_accept_cloexec(int sock);
 /// getsockopt(SO_PEERCRED). Returns 0 or -1 with errno set.
 int CDmaBuf_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid);
 
+// MARK: - pidfds (client identity that a reused pid cannot fake)
+
+/// getsockopt(SO_PEERPIDFD) (Linux 6.5): a pidfd of the process that connected, close-on-exec. Returns the
+/// pidfd (the caller closes it) or -1 with errno set (ENOPROTOOPT before 6.5).
+int CDmaBuf_peer_pidfd(int sock);
+
+/// pidfd_open(pid, 0) (Linux 5.3), close-on-exec. Returns the pidfd or -1 with errno set (ESRCH: no such
+/// process; ENOSYS before 5.3).
+int CDmaBuf_pidfd_open(pid_t pid);
+
+/// pidfd_send_signal(pidfd, sig, NULL, 0) (Linux 5.1). Signal 0 only checks: 0 or EPERM for a live process,
+/// ESRCH once it has exited. Returns 0 or -1 with errno set.
+int CDmaBuf_pidfd_send_signal(int pidfd, int sig);
+
 // CMSG_* are macros; these are their function forms for code that walks control messages itself.
 struct cmsghdr *CDmaBuf_CMSG_FIRSTHDR(const struct msghdr *msg);
 struct cmsghdr *CDmaBuf_CMSG_NXTHDR(struct msghdr *msg, struct cmsghdr *cmsg);

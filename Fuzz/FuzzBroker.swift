@@ -22,7 +22,7 @@ import Glibc
 /// Set once: a broken pipe on a client socket the broker closed is an EPIPE, not a dead fuzzer.
 private let ignoreSIGPIPE: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
 
-/// The fd closer shared by every input's broker, so no input leaves a thread behind.
+/// The fd closer shared by every input's broker: its threads exit once their uid's queue is empty.
 let fuzzCloser = FDCloser()
 
 private let timing = getenv("FUZZ_BROKER_TIMING") != nil
@@ -49,15 +49,11 @@ public func fuzzBroker(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     return 0
 }
 
-/// Waits (bounded) for the closer thread to close what it was handed, then requires the start count.
+/// Waits for the closer threads to close what they were handed (their own uid's fds each; a fuzz input
+/// has no fd whose close blocks), then requires exactly the start count.
 private func expectFDs(back fdsBefore: Int) {
-    var now = openFDCount()
-    var tries = 0
-    while now != fdsBefore && tries < 2000 {
-        usleep(1000)
-        tries += 1
-        now = openFDCount()
-    }
+    fuzzCloser.waitUntilIdle()
+    let now = openFDCount()
     if now != fdsBefore {
         let links = FakeKernel.openFDs().map { "\($0) -> \(readLink($0))" }.joined(separator: ", ")
         fatalError("fuzz-broker: fds not back to baseline: \(now) open, \(fdsBefore) before the input: \(links)")

@@ -24,6 +24,7 @@ public final class FDCloser: @unchecked Sendable {
     public static let shared = FDCloser()
     private var queues: [UInt32: [[SharedFD]]] = [:]
     private var counts: [UInt32: Int] = [:]
+    private var handed: [UInt32: Int] = [:]
     /// uids with queued work and no thread (a thread takes them in order).
     private var waiting: [UInt32] = []
     /// uids a thread is serving now.
@@ -53,6 +54,10 @@ public final class FDCloser: @unchecked Sendable {
     /// Descriptors `uid` sent that are not closed yet.
     public func inFlight(uid: UInt32) -> Int { locked { counts[uid] ?? 0 } }
 
+    /// Descriptors `uid` sent that were ever handed to the closer (for tests: what the loop closed itself
+    /// never shows here).
+    public func retired(uid: UInt32) -> Int { locked { handed[uid] ?? 0 } }
+
     /// Descriptors not closed yet, every uid together.
     public var pending: Int { locked { total } }
 
@@ -67,9 +72,12 @@ public final class FDCloser: @unchecked Sendable {
         locked {
             queues[uid, default: []].append(batch)
             counts[uid, default: 0] += batch.count
+            handed[uid, default: 0] &+= batch.count
             total += batch.count
             guard !serving.contains(uid), !waiting.contains(uid) else { return }
-            if idleThreads > 0 {
+            // An idle thread for every uid already waiting, and one more for this one: signalled threads
+            // stay counted as idle until they wake, so counting them alone would hand two uids to one.
+            if idleThreads > waiting.count {
                 waiting.append(uid)
                 pthread_cond_signal(&work)
             } else if threads < maximumThreads, startThread(serving: uid) {

@@ -150,6 +150,14 @@ struct Attacker {
         case "unlinger":
             keep.removeAll()
             return "released"
+        case "send-pipes":
+            return try sendPipes(n(1))
+        case "import-pipe":
+            // One request with an fd of a kind the daemon cannot close without blocking: its answer.
+            let pipe = try pipeReadEnd()
+            let (response, _) = try main.call(.importBuffer(tag: "pipe"), fds: [pipe.descriptor])
+            guard case .error(let error) = response else { return "accepted" }
+            return Errno(rawValue: error.errno).name
         default:
             throw DmaBufClientError(local: "unknown command \(words[0])")
         }
@@ -309,6 +317,31 @@ struct Attacker {
         _ = try UnixSocket.send(try main.socket.descriptor, bytes: bytes, fds: [clientFD.descriptor])
         return "\(queued)"
     }
+}
+
+extension Attacker {
+    /// `send-pipes N`: N imports, each carrying a pipe (closed on a closer thread), sent without waiting
+    /// for their answers: behind a close that blocks, they take this uid to `max_closing_fds_per_uid`.
+    mutating func sendPipes(_ count: Int) throws -> String {
+        let socket = try main.socket.descriptor
+        let version = try main.server.version
+        var sent = 0
+        for i in 0..<count {
+            let pipe = try pipeReadEnd()
+            let bytes = WireMessage.encode(.importBuffer(tag: "pipe"), requestID: UInt32(1000 + i), descriptors: 1, version: version)
+            guard (try? UnixSocket.send(socket, bytes: bytes, fds: [pipe.descriptor], flags: CInt(MSG_DONTWAIT))) != nil else { break }
+            sent += 1
+        }
+        return "\(sent)"
+    }
+}
+
+/// A pipe's read end, its write end closed.
+func pipeReadEnd() throws -> SharedFD {
+    var ends: [CInt] = [0, 0]
+    guard pipe(&ends) == 0 else { throw DmaBufError("pipe", Errno(rawValue: errno), "pipe failed") }
+    _ = close(ends[1])
+    return SharedFD(adopting: ends[0])
 }
 
 /// The test side of a `hostile-agent` child.

@@ -57,9 +57,15 @@ final class FakeKernel: KernelBackend {
         return BufferFacts(size: UInt64(st.st_size), inode: UInt64(st.st_ino))
     }
 
+    /// fds of this process open on the buffer's file: same device and inode (one fstat per fd, no
+    /// readlink: the request-handling fuzzer calls this on every free).
     func referenceCount(_ buffer: SharedFD) -> Int? {
-        guard let inode = try? facts(buffer).inode else { return nil }
-        return FakeKernel.openFDs().filter { link($0).hasPrefix("/memfd:fake-dmabuf") && FakeKernel.inode(of: $0) == inode }.count
+        var target = stat()
+        guard fstat(buffer.descriptor.rawValue, &target) == 0 else { return nil }
+        return FakeKernel.openFDs().filter { fd in
+            var st = stat()
+            return fstat(fd, &st) == 0 && st.st_ino == target.st_ino && st.st_dev == target.st_dev
+        }.count
     }
 
     func exporter(_ buffer: SharedFD) -> String? { kind(of: buffer) == .dmaBuf ? "fake" : nil }

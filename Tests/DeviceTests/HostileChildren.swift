@@ -319,19 +319,35 @@ struct Attacker {
 }
 
 extension Attacker {
-    /// `send-pipes N`: N imports, each carrying a pipe (closed on a closer thread), sent without waiting
-    /// for their answers: behind a close that blocks, they take this uid to `max_closing_fds_per_uid`.
+    /// `send-pipes N`: up to N imports, each carrying a pipe (closed on a closer thread), without waiting
+    /// for their answers; a full socket is waited on for up to a second, then the sending stops. On a
+    /// daemon with one closer thread and a shared queue, a close that blocks makes these fill that
+    /// queue, and then no client at all is read; with per-uid closing, this uid alone stops being read.
     mutating func sendPipes(_ count: Int) throws -> String {
         let socket = try main.socket.descriptor
         let version = try main.server.version
         var sent = 0
+        var stopped = "full"
         for i in 0..<count {
-            let pipe = try pipeReadEnd()
+            guard let pipe = try? pipeReadEnd() else { stopped = "EMFILE"; break }
             let bytes = WireMessage.encode(.importBuffer(tag: "pipe"), requestID: UInt32(1000 + i), descriptors: 1, version: version)
-            guard (try? UnixSocket.send(socket, bytes: bytes, fds: [pipe.descriptor], flags: CInt(MSG_DONTWAIT))) != nil else { break }
+            var done = false
+            for _ in 0..<2 where !done {
+                do {
+                    try UnixSocket.send(socket, bytes: bytes, fds: [pipe.descriptor], flags: CInt(MSG_DONTWAIT))
+                    done = true
+                } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
+                    var p = pollfd(fd: socket.rawValue, events: Int16(POLLOUT), revents: 0)
+                    _ = poll(&p, 1, 1000)
+                } catch let error as DmaBufError {
+                    stopped = error.errno?.name ?? "EIO"
+                    break
+                }
+            }
+            guard done else { break }
             sent += 1
         }
-        return "\(sent)"
+        return "\(sent) \(stopped)"
     }
 }
 

@@ -271,8 +271,8 @@ enum HostileTests {
             try bringUpLoopback()
             try hostile(config: "max_closing_fds_per_uid = 40", "a blocking close, then unidentified fds up to the closing bound") { daemon, _, attacker in
                 try attacker.ok("linger")
-                let sent = try attacker.ok("send-pipes 64")
-                Harness.say("  sent a lingering TCP socket and \(sent[0]) imports with pipes behind it")
+                let sent = try attacker.ok("send-pipes 5000", timeout: .seconds(600))
+                Harness.say("  sent a lingering TCP socket and \(sent[0]) imports with pipes behind it (then: \(sent.dropFirst().joined(separator: " ")))")
                 let other = try HostileAgent(uid: 65533, connectTo: daemon.socketPath)
                 defer { other.end() }
                 // The refusal is the answer: the client library reports it as an error.

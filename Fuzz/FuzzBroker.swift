@@ -9,6 +9,11 @@
 // books must be at baseline (no buffers, charges, leases, fences, tokens, sessions, per-uid counts) and,
 // once the broker and its loop are gone, the process must have exactly the fds it had before the input.
 // A violation traps, so libFuzzer saves the input.
+//
+// Nothing here sleeps: time on the broker's loop is advanced, not waited for (EventLoop.advanceTime), so
+// hello timeouts, drain retries and revocation deadlines fire at once; the closer threads are waited for
+// on a condition, not polled; and the fd check is one /proc/self/fd listing. An input costs its CPU only
+// (about 1 ms with ASan on this project's build machines).
 
 import DmaBuf
 import DmaBufWire

@@ -79,11 +79,12 @@ final class BrokerRun {
         config.revokeDeadline = .milliseconds(bits & 0x80 != 0 ? 1 : 20)
         if bits & 0x01 != 0 { config.maxConnectionsPerUID = 2; config.maxConnections = 3 }
         if bits & 0x02 != 0 { config.defaultQuota = .init(bytes: 1 << 20, buffers: 4); config.maxBufferSize = 1 << 16 }
-        if bits & 0x04 != 0 { config.maxOutboxBytes = 4096; config.maxOutboxFDs = 2 }
+        if bits & 0x04 != 0 { config.maxOutboxBytes = 4096; config.maxOutboxFDs = 2; config.maxClosingFDsPerUID = 18 }
         if bits & 0x08 != 0 {
             config.maxLeasesPerClient = 2; config.maxLeasesPerUID = 3
             config.maxTokensPerClient = 2; config.maxTokensPerUID = 3
             config.maxFencesPerClient = 2; config.maxFencesPerUID = 3
+            config.maxMergeFences = 1
         }
         if bits & 0x10 != 0 { config.helloTimeout = .milliseconds(1) }
         if bits & 0x20 != 0 { config.maxSharesPerBuffer = 1; config.maxSharesPerUID = 2; config.maxBuffersPerClient = 2 }

@@ -13,8 +13,9 @@ import Glibc
 /// - each uid has its own queue, served by one thread at a time, so a uid's stuck close stalls only
 ///   that uid's later closes;
 /// - threads are started on demand, one per uid with work, up to `maximumThreads`; a thread whose uid's
-///   queue is empty takes the next waiting uid or exits. Beyond `maximumThreads` stuck uids, the rest
-///   wait for a thread: that many distinct uids are needed, each in the `dmabuf` group;
+///   queue is empty takes the next waiting uid, or waits up to a second for one, then exits. Beyond
+///   `maximumThreads` stuck uids the rest wait for a thread: that takes as many distinct uids, each in
+///   the `dmabuf` group;
 /// - ``inFlight(uid:)`` counts a uid's fds not yet closed. The broker stops reading a uid's
 ///   connections while the next message could take it past `max_closing_fds_per_uid`; other uids are
 ///   read as before. ``retire(_:uid:)`` never refuses, so the bound is the broker's and exact.
@@ -74,18 +75,22 @@ public final class FDCloser: @unchecked Sendable {
             counts[uid, default: 0] += batch.count
             handed[uid, default: 0] &+= batch.count
             total += batch.count
-            guard !serving.contains(uid), !waiting.contains(uid) else { return }
-            // An idle thread for every uid already waiting, and one more for this one: signalled threads
-            // stay counted as idle until they wake, so counting them alone would hand two uids to one.
-            if idleThreads > waiting.count {
+            if !serving.contains(uid) && !waiting.contains(uid) {
                 waiting.append(uid)
                 pthread_cond_signal(&work)
-            } else if threads < maximumThreads, startThread(serving: uid) {
-                serving.insert(uid)
-                threads += 1
-            } else {
-                waiting.append(uid)
             }
+            startThreadsForWaiting()
+        }
+    }
+
+    /// Starts threads (mutex held) for the waiting uids that no idle thread will take: an idle thread is
+    /// counted as idle until it wakes, so each signalled one takes one waiting uid. A start that failed
+    /// (EAGAIN at TasksMax) is retried on the next retire.
+    private func startThreadsForWaiting() {
+        while waiting.count > idleThreads, threads < maximumThreads, let next = waiting.last, startThread(serving: next) {
+            waiting.removeLast()
+            serving.insert(next)
+            threads += 1
         }
     }
 

@@ -237,7 +237,12 @@ final class BrokerRun {
     private func signalFence() {
         guard !fences.isEmpty else { return }
         let b = input.byte()
-        if b == 255 { fences.forEach { $0.signal() } } else { fences[Int(b) % fences.count].signal() }
+        if b == 255 {
+            fences.forEach { $0.signal() }
+            kernel.signalMerges()
+        } else {
+            fences[Int(b) % fences.count].signal()
+        }
     }
 
     /// Changes what the fake kernel offers or makes fail, then has the broker rescan.
@@ -313,6 +318,8 @@ final class BrokerRun {
         clients = Array(repeating: nil, count: maximumClients)
         fences.forEach { $0.signal() }
         fences.removeAll()
+        // A begin_access reply's merged fence, attached again by a client, signals once its inputs have.
+        kernel.signalMerges()
         for _ in 0..<10_000 {
             loop.runOnce(timeoutMilliseconds: 0)
             if broker.isIdle { return }
@@ -408,7 +415,7 @@ final class BrokerRun {
         case 4, 5:
             let fence = FakeFence()
             if b % 10 == 5 { fence.signal() }
-            if fences.count < 16 { fences.append(fence) }
+            fences.append(fence)  // every one, so that finish() can signal it
             made = fence.fd
         case 6: made = SharedFD(adopting: open("/dev/null", O_RDONLY | O_CLOEXEC))
         case 7: made = try? UnixSocket.pair().0

@@ -79,11 +79,21 @@ final class FakeKernel: KernelBackend {
 
     func importFence(_ fence: SharedFD, into buffer: SharedFD, write: Bool) throws { imports += 1 }
 
+    /// Merged fences made while some input was pending. A real merged sync_file signals when its inputs
+    /// do; this fake one does not know its inputs, so whoever signals every fence must signal these too.
+    private(set) var pendingMerges: [FakeFence] = []
+
     func mergeFences(_ fences: [SharedFD]) throws -> SharedFD? {
         guard !fences.isEmpty else { return nil }
         let merged = FakeFence()
-        if fences.allSatisfy(FakeFence.isSignaled) { merged.signal() }
+        if fences.allSatisfy(FakeFence.isSignaled) { merged.signal() } else { pendingMerges.append(merged) }
         return merged.fd
+    }
+
+    /// Signals every merged fence made so far (their inputs have been signalled).
+    func signalMerges() {
+        pendingMerges.forEach { $0.signal() }
+        pendingMerges.removeAll()
     }
 
     func physicalRuns(memfd: SharedFD, pages: PageRuns) throws -> PageRuns {

@@ -81,23 +81,20 @@ final class FakeKernel: KernelBackend {
 
     /// Merged fences made while some input was pending. A real merged sync_file signals when its inputs
     /// do; this fake one does not know its inputs, so whoever signals every fence must signal these too.
-    /// Held weakly: the fake kernel must not keep a fence open that everyone else closed.
-    private var pendingMerges: [WeakFD] = []
+    /// Kept open until ``signalMerges()`` (the copy a reply carries is another fd on the same file, so
+    /// only a reference of its own lets the fake signal it); BrokerHarness calls it before counting fds.
+    private(set) var pendingMerges: [FakeFence] = []
 
     func mergeFences(_ fences: [SharedFD]) throws -> SharedFD? {
         guard !fences.isEmpty else { return nil }
         let merged = FakeFence()
-        if fences.allSatisfy(FakeFence.isSignaled) { merged.signal() } else { pendingMerges.append(WeakFD(fd: merged.fd)) }
+        if fences.allSatisfy(FakeFence.isSignaled) { merged.signal() } else { pendingMerges.append(merged) }
         return merged.fd
     }
 
-    /// Signals every merged fence made so far that is still open (their inputs have been signalled).
+    /// Signals every merged fence made so far (their inputs have been signalled) and lets go of them.
     func signalMerges() {
-        for merge in pendingMerges {
-            guard let fd = merge.fd else { continue }
-            var one: UInt64 = 1
-            _ = write(fd.descriptor.rawValue, &one, 8)
-        }
+        pendingMerges.forEach { $0.signal() }
         pendingMerges.removeAll()
     }
 
@@ -129,10 +126,6 @@ final class FakeKernel: KernelBackend {
     }
 }
 
-
-struct WeakFD {
-    weak var fd: SharedFD?
-}
 
 /// A fake sync_file: an eventfd, signalled by writing to it.
 struct FakeFence {

@@ -79,11 +79,12 @@ final class BrokerRun {
         config.revokeDeadline = .milliseconds(bits & 0x80 != 0 ? 1 : 20)
         if bits & 0x01 != 0 { config.maxConnectionsPerUID = 2; config.maxConnections = 3 }
         if bits & 0x02 != 0 { config.defaultQuota = .init(bytes: 1 << 20, buffers: 4); config.maxBufferSize = 1 << 16 }
-        if bits & 0x04 != 0 { config.maxOutboxBytes = 4096; config.maxOutboxFDs = 2 }
+        if bits & 0x04 != 0 { config.maxOutboxBytes = 4096; config.maxOutboxFDs = 2; config.maxClosingFDsPerUID = 18 }
         if bits & 0x08 != 0 {
             config.maxLeasesPerClient = 2; config.maxLeasesPerUID = 3
             config.maxTokensPerClient = 2; config.maxTokensPerUID = 3
             config.maxFencesPerClient = 2; config.maxFencesPerUID = 3
+            config.maxMergeFences = 1
         }
         if bits & 0x10 != 0 { config.helloTimeout = .milliseconds(1) }
         if bits & 0x20 != 0 { config.maxSharesPerBuffer = 1; config.maxSharesPerUID = 2; config.maxBuffersPerClient = 2 }
@@ -131,7 +132,7 @@ final class BrokerRun {
         case 19: sendMutated()
         case 20: disconnect()
         case 21: signalFence()
-        case 22: loop.runOnce(timeoutMilliseconds: CInt(input.byte() % 3))
+        case 22: passTime()
         case 23: client()?.held.removeAll()
         case 24: if let c = client() { c.deaf.toggle() }
         case 25: changeKernel()
@@ -145,11 +146,13 @@ final class BrokerRun {
         }
     }
 
-    /// Runs the loop without blocking until it has nothing ready, and lets listening clients read.
+    /// Runs the loop without blocking, and lets listening clients read, until neither had anything to do
+    /// (at most four rounds, as before: a flood may keep both busy).
     private func settle() {
         for _ in 0..<4 {
-            loop.runOnce(timeoutMilliseconds: 0)
-            drainClients()
+            let events = loop.runOnce(timeoutMilliseconds: 0)
+            let received = drainClients()
+            if events == 0 && received == 0 { return }
         }
     }
 
@@ -234,7 +237,12 @@ final class BrokerRun {
     private func signalFence() {
         guard !fences.isEmpty else { return }
         let b = input.byte()
-        if b == 255 { fences.forEach { $0.signal() } } else { fences[Int(b) % fences.count].signal() }
+        if b == 255 {
+            fences.forEach { $0.signal() }
+            kernel.signalMerges()
+        } else {
+            fences[Int(b) % fences.count].signal()
+        }
     }
 
     /// Changes what the fake kernel offers or makes fail, then has the broker rescan.
@@ -251,15 +259,25 @@ final class BrokerRun {
 
     // MARK: - Reading replies
 
-    private func drainClients() {
-        for client in clients.compactMap({ $0 }) where !client.deaf && !client.peerClosed {
+    /// Reads what listening clients were sent; returns how many messages (and ends of stream) were read.
+    @discardableResult
+    private func drainClients() -> Int {
+        let listening = clients.compactMap { $0 }.filter { !$0.deaf && !$0.peerClosed && $0.socket != nil }
+        guard !listening.isEmpty else { return 0 }
+        // One poll for all: a receive sets up a 64 KiB buffer, and most clients have nothing waiting.
+        var ready = listening.map { pollfd(fd: $0.socket!.descriptor.rawValue, events: Int16(POLLIN), revents: 0) }
+        guard poll(&ready, nfds_t(ready.count), 0) > 0 else { return 0 }
+        var received = 0
+        for (client, state) in zip(listening, ready) where state.revents != 0 {
             guard let socket = client.socket else { continue }
             for _ in 0..<256 {
                 guard let message = try? UnixSocket.receive(socket.descriptor, maxBytes: WireLimits.maximumMessageSize + 1, flags: CInt(MSG_DONTWAIT)) else { break }
+                received += 1
                 if message.isEndOfStream { client.peerClosed = true; break }
                 record(message, for: client)
             }
         }
+        return received
     }
 
     private func record(_ message: UnixSocket.Message, for client: FuzzClient) {
@@ -292,34 +310,31 @@ final class BrokerRun {
 
     // MARK: - Finishing
 
-    /// Every client goes away, every fence signals, and the broker must come back to idle.
+    /// Every client goes away, every fence signals, and the broker must come back to idle: its loop runs
+    /// until nothing is ready, then its clock jumps to the next timer (a drain retry, a revocation
+    /// deadline), and so on. Not idle with no timer left to wait for means it never would be.
     func finish() {
         for client in clients.compactMap({ $0 }) { client.held.removeAll() }
         clients = Array(repeating: nil, count: maximumClients)
         fences.forEach { $0.signal() }
         fences.removeAll()
-        var clock = ContinuousClock.now
-        let giveUp = clock + .seconds(3)
-        while !broker.isIdle && clock < giveUp {
-            loop.runOnce(timeoutMilliseconds: 1)
-            advanceDrainTimer()
-            clock = ContinuousClock.now
+        // A begin_access reply's merged fence, attached again by a client, signals once its inputs have.
+        kernel.signalMerges()
+        for _ in 0..<10_000 {
+            loop.runOnce(timeoutMilliseconds: 0)
+            if broker.isIdle { return }
+            guard let next = loop.nextTimerDelay else { break }
+            loop.advanceTime(by: max(next, .milliseconds(1)))
         }
-        guard broker.isIdle else {
-            fatalError("fuzz-broker: books not at baseline 3 s after every client left: buffers \(broker.buffers.count), leases \(broker.leases.count), fences \(broker.fences.count), tokens \(broker.tokens.count), sessions \(broker.sessions.count), charges \(broker.books.charges.count), perUID \(broker.perUID)")
-        }
+        let draining = broker.buffers.values.filter(\.draining).map(\.id)
+        fatalError("fuzz-broker: books not at baseline after every client left and every timer ran: buffers \(broker.buffers.count) (draining \(draining), drain timer \(broker.drainTimer.map(String.init) ?? "none")), leases \(broker.leases.count), fences \(broker.fences.count), tokens \(broker.tokens.count), sessions \(broker.sessions.count), charges \(broker.books.charges.count), perUID \(broker.perUID), timers \(loop.pendingTimers)")
     }
 
-    /// A buffer released while someone still held it is retried from a 200 ms drain timer. Waiting for it
-    /// would cap the fuzzer at a few inputs a second, so this runs the timer's work now instead, but only
-    /// where the broker did schedule it: draining buffers with no drain timer would never be freed.
-    private func advanceDrainTimer() {
-        let draining = broker.buffers.values.filter(\.draining)
-        guard !draining.isEmpty else { return }
-        guard broker.drainTimer != nil else {
-            fatalError("fuzz-broker: \(draining.count) buffers draining and no drain timer scheduled: \(draining.map(\.id))")
-        }
-        for record in draining { broker.maybeFree(record) }
+    /// Time passes on the broker's clock without sleeping: hello timeouts, drain retries, revocation
+    /// deadlines and read-pause retries fire as they would after that long.
+    private func passTime() {
+        let steps: [Duration] = [.milliseconds(1), .milliseconds(10), .milliseconds(50), .milliseconds(200), .seconds(1), .seconds(5), .seconds(60), .seconds(601)]
+        loop.advanceTime(by: steps[Int(input.byte()) % steps.count])
     }
 
     // MARK: - Operands
@@ -400,7 +415,7 @@ final class BrokerRun {
         case 4, 5:
             let fence = FakeFence()
             if b % 10 == 5 { fence.signal() }
-            if fences.count < 16 { fences.append(fence) }
+            fences.append(fence)  // every one, so that finish() can signal it
             made = fence.fd
         case 6: made = SharedFD(adopting: open("/dev/null", O_RDONLY | O_CLOEXEC))
         case 7: made = try? UnixSocket.pair().0

@@ -107,14 +107,14 @@ public enum UnixSocket {
         var count = maxFDs
         var surplus = 0
         var messageFlags: CInt = 0
-        // Uninitialised: zero-filling 64 KiB for every message (and for every EAGAIN) was most of a small
-        // request's cost in the daemon.
+        // Received into a shared scratch buffer and copied out at the message's own size: a fresh 64 KiB
+        // array per receive (and per EAGAIN) was much of a small request's cost, and of the fuzzer's.
         var failure: Errno?
-        let bytes = [UInt8](unsafeUninitializedCapacity: max(maxBytes, 1)) { buffer, initialized in
-            let raw = UnsafeMutableRawBufferPointer(start: buffer.baseAddress, count: maxBytes)
-            switch Sys.receiveWithFDs(socket, raw, &fds, count: &count, surplus: &surplus, messageFlags: &messageFlags, flags: flags) {
-            case .success(let n): initialized = min(n, maxBytes)
-            case .failure(let errno): failure = errno; initialized = 0
+        let bytes = ReceiveScratch.shared.use(capacity: max(maxBytes, 1)) { raw -> [UInt8] in
+            let buffer = UnsafeMutableRawBufferPointer(start: raw.baseAddress, count: maxBytes)
+            switch Sys.receiveWithFDs(socket, buffer, &fds, count: &count, surplus: &surplus, messageFlags: &messageFlags, flags: flags) {
+            case .success(let n): return Array(UnsafeRawBufferPointer(rebasing: buffer[0..<min(n, maxBytes)]))
+            case .failure(let errno): failure = errno; return []
             }
         }
         if let failure { throw DmaBufError("socket", failure, "recvmsg failed") }
@@ -130,5 +130,29 @@ public enum UnixSocket {
     public static func peerCredentials(_ socket: FileDescriptor) throws -> PeerCredentials {
         let (pid, uid, gid) = try Sys.peerCredentials(socket).get(or: "socket", "SO_PEERCRED failed")
         return PeerCredentials(pid: pid, uid: uid, gid: gid)
+    }
+}
+
+/// One receive buffer, for whichever thread takes it (a try-lock); a thread that finds it taken uses a
+/// buffer of its own for that call. Grows to the largest `maxBytes` asked for (64 KiB and a byte).
+final class ReceiveScratch: @unchecked Sendable {
+    static let shared = ReceiveScratch()
+    private var mutex = pthread_mutex_t()
+    private var buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1, alignment: 16)
+
+    private init() { pthread_mutex_init(&mutex, nil) }
+
+    func use<R>(capacity: Int, _ body: (UnsafeMutableRawBufferPointer) -> R) -> R {
+        guard pthread_mutex_trylock(&mutex) == 0 else {
+            let own = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 16)
+            defer { own.deallocate() }
+            return body(own)
+        }
+        defer { pthread_mutex_unlock(&mutex) }
+        if buffer.count < capacity {
+            buffer.deallocate()
+            buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 16)
+        }
+        return body(buffer)
     }
 }

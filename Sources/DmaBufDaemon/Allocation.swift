@@ -44,13 +44,12 @@ extension Broker {
         session.owned.remove(record.id)
         buffers[record.id] = nil
         books.uncharge(record.id)
-        if record.stored { fdStore.remove(record.id) }
+        fdStore.remove(record.id)  // stored or still queued: either way it must not stay in the store
     }
 
     private func allocateOne(_ session: ClientSession, size: UInt64, heap: String, tag: String, fdFlags: UInt32) throws -> BufferRecord {
         var chain = resolver.chain(for: heap)
-        if chain.isEmpty {
-            rescanHeaps()
+        if chain.isEmpty, rescanHeapsIfDue() {
             chain = resolver.chain(for: heap)
         }
         guard !chain.isEmpty else {
@@ -218,6 +217,7 @@ extension Broker {
         books.charge(record.id, uid: record.ownerUID, heap: heap, size: record.size, cgroup: record.ownerCgroup,
                      inCgroup: clientMemory || (memfd != nil && !ownedMemfd) || heap == "import")
         record.stored = fdStore.store(record)
+        retryFDStoreLater()  // a no-op unless systemd's queue was full
         logger.debug("buffer", metadata: ["id": "\(record.id)", "heap": "\(heap)", "size": "\(record.size)"])
         return record
     }

@@ -65,6 +65,13 @@ public struct DaemonConfig: Sendable, Equatable {
     /// `fd_store_max`: buffers kept in systemd's fd store; must not exceed the unit's
     /// `FileDescriptorStoreMax=`. Allocations beyond it are refused (EMFILE) rather than silently not stored.
     public var fdStoreMax: UInt32 = 16384
+    /// `max_closing_fds_per_uid`: fds of kinds dmabufd cannot close without blocking (anything but a
+    /// dma-buf, sync_file or memfd) that one uid sent and a closer thread has not closed yet. At the
+    /// bound that uid's connections are not read until its closes finish.
+    public var maxClosingFDsPerUID: UInt32 = 256
+    /// `max_merge_fences`: conflicting fences `begin_access` merges into one sync_file per request;
+    /// more are refused with EBUSY.
+    public var maxMergeFences: UInt32 = 64
 
     // Memory cgroups (docs/DESIGN.md, "Accounting model").
     /// `max_daemon_memfd_bytes`: bytes in all memfds dmabufd itself creates for udmabufs, together. Those
@@ -276,6 +283,7 @@ public struct DaemonConfig: Sendable, Equatable {
         "max_fences_per_client": \.maxFencesPerClient, "max_fences_per_uid": \.maxFencesPerUID,
         "max_shares_per_buffer": \.maxSharesPerBuffer, "max_shares_per_uid": \.maxSharesPerUID,
         "fd_store_max": \.fdStoreMax,
+        "max_closing_fds_per_uid": \.maxClosingFDsPerUID, "max_merge_fences": \.maxMergeFences,
     ] }
 
     private func setQuota(_ quota: inout Quota, field: String, _ v: Value) throws {

@@ -16,8 +16,9 @@ public final class EventLoop: @unchecked Sendable {
     private let epoll: CInt
     private let wakeFD: CInt
     private var handlers: [CInt: Handler] = [:]
-    /// Pending timers by deadline. Cancelling removes the action from `actions` only; the heap entry is
-    /// dropped lazily when it comes due, so cancellation is O(1) and scheduling O(log n).
+    /// Pending timers by deadline. Cancelling removes the action from `actions`; the heap entry is dropped
+    /// when it comes due or when cancelled entries outnumber live ones, so cancellation is amortised O(1)
+    /// and scheduling O(log n).
     private var timers = Heap<TimerEntry>()
     private var actions: [UInt64: () -> Void] = [:]
     private var nextTimerID: UInt64 = 1
@@ -67,27 +68,58 @@ public final class EventLoop: @unchecked Sendable {
     public func schedule(after delay: Duration, _ action: @escaping () -> Void) -> UInt64 {
         let id = nextTimerID
         nextTimerID += 1
-        timers.insert(TimerEntry(deadline: ContinuousClock.now + delay, id: id))
+        timers.insert(TimerEntry(deadline: now + delay, id: id))
         actions[id] = action
         return id
     }
 
     /// Cancels a timer; a no-op for one that has run or was cancelled.
     public func cancelTimer(_ id: UInt64) {
-        actions[id] = nil
+        guard actions.removeValue(forKey: id) != nil else { return }
+        // Cancelled entries wait in the heap until due; once they are most of it, rebuild it from the
+        // live ones (O(n), amortised O(1) per cancel), so long timers cancelled early cost no memory.
+        if timers.count > 64 && timers.count > 2 * actions.count {
+            timers = Heap(timers.unordered.filter { actions[$0.id] != nil })
+        }
     }
 
     /// Timers scheduled and not yet run or cancelled.
     public var pendingTimers: Int { actions.count }
 
+    /// The loop's clock: the real one, plus whatever ``advanceTime(by:)`` added (tests only).
+    private var now: ContinuousClock.Instant { ContinuousClock.now + skew }
+    private var skew: Duration = .zero
+
+    /// Moves the loop's clock forward by `delay` without waiting, then runs the timers that came due. For
+    /// the host tests and the fuzzer, which would otherwise sleep through revocation deadlines, drain
+    /// intervals and hello timeouts; the daemon never calls it. Loop thread only.
+    func advanceTime(by delay: Duration) {
+        skew += max(delay, .zero)
+        runDueTimers()
+    }
+
+    /// How long until the next live timer is due (zero when overdue); nil when none is scheduled.
+    var nextTimerDelay: Duration? {
+        while let first = timers.min, actions[first.id] == nil { _ = timers.removeMin() }
+        return timers.min.map { max($0.deadline - now, .zero) }
+    }
+
+    /// Entries in the timer heap, cancelled ones not yet dropped included (bounded by twice the live ones).
+    var timerHeapEntries: Int { timers.count }
+
     /// One iteration: waits up to `timeoutMilliseconds` (-1: until something happens) for events, runs
     /// their handlers, due timers and queued work. For tests that drive the loop from their own thread.
-    public func runOnce(timeoutMilliseconds: CInt) {
-        var events = [epoll_event](repeating: epoll_event(), count: 64)
+    /// - Returns: how many readiness events it handled (0: nothing was ready).
+    @discardableResult
+    public func runOnce(timeoutMilliseconds: CInt) -> Int {
         let timer = nextTimeoutMilliseconds()
         let timeout = timer < 0 ? timeoutMilliseconds : (timeoutMilliseconds < 0 ? timer : min(timer, timeoutMilliseconds))
-        _ = iterate(&events, timeout: timeout)
+        var handled = 0
+        _ = iterate(&testEvents, timeout: timeout, handled: &handled)
+        return handled
     }
+    /// runOnce's event buffer, kept: the host tests and the fuzzer call it thousands of times.
+    private var testEvents = [epoll_event](repeating: epoll_event(), count: 64)
 
     /// Queues `action` to run on the loop thread. Safe from any thread.
     public func execute(_ action: @escaping @Sendable () -> Void) {
@@ -111,8 +143,14 @@ public final class EventLoop: @unchecked Sendable {
 
     /// One pass of the loop; false once it should stop.
     private func iterate(_ events: inout [epoll_event], timeout: CInt) -> Bool {
+        var handled = 0
+        return iterate(&events, timeout: timeout, handled: &handled)
+    }
+
+    private func iterate(_ events: inout [epoll_event], timeout: CInt, handled: inout Int) -> Bool {
         let n = events.withUnsafeMutableBufferPointer { epoll_wait(epoll, $0.baseAddress, 64, timeout) }
         if n < 0 && errno != EINTR { return false }
+        handled = max(Int(n), 0)
         for i in 0..<max(Int(n), 0) {
             let fd = events[i].data.fd
             if fd == wakeFD {
@@ -134,13 +172,13 @@ public final class EventLoop: @unchecked Sendable {
     private func nextTimeoutMilliseconds() -> CInt {
         while let first = timers.min, actions[first.id] == nil { _ = timers.removeMin() }
         guard let next = timers.min?.deadline else { return -1 }
-        let left = next - ContinuousClock.now
+        let left = next - now
         if left <= .zero { return 0 }
         return CInt(clamping: left.wholeMilliseconds + 1)
     }
 
     private func runDueTimers() {
-        let now = ContinuousClock.now
+        let now = self.now
         while let first = timers.min, first.deadline <= now {
             _ = timers.removeMin()
             // A cancelled timer has no action left: skipped here, which is the lazy half of cancelTimer.

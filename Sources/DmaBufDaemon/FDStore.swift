@@ -22,7 +22,10 @@ public final class FDStore {
     private let socket: NotifySocket?
     /// Buffers in the store (or on their way there).
     private(set) var count = 0
-    private var pending = Deque<(state: String, fd: SharedFD?)>()
+    /// Notifications systemd refused with EAGAIN, in order; `store` names the buffer of a queued FDSTORE=1.
+    private var pending = Deque<(state: String, fd: SharedFD?, store: BufferID?)>()
+    /// A retry of `pending` is scheduled on the loop: one timer at a time, however many frees queue more.
+    var retryScheduled = false
 
     init(enabled: Bool, directory: String, socket: NotifySocket? = NotifySocket()) {
         self.enabled = enabled && socket != nil
@@ -43,7 +46,7 @@ public final class FDStore {
         count += 1
         let state = "FDSTORE=1\nFDNAME=buf-\(record.id)"
         if pending.isEmpty, socket?.send(state, fds: [record.fd.descriptor.rawValue]) == nil { return true }
-        pending.append((state, record.fd))
+        pending.append((state, record.fd, record.id))
         return false
     }
 
@@ -56,15 +59,21 @@ public final class FDStore {
         guard enabled else { return }
         if counted { count -= 1 }
         _ = unlink("\(directory)/\(id)")
+        // Still waiting to be stored: systemd never got it, so the store is simply not sent (a removal
+        // queued behind it would do, but would keep the buffer's fd open until systemd takes both).
+        if let queued = pending.firstIndex(where: { $0.store == id }) {
+            pending.remove(at: queued)
+            return
+        }
         let state = "FDSTOREREMOVE=1\nFDNAME=buf-\(id)"
         if pending.isEmpty, socket?.send(state) == nil { return }
-        pending.append((state, nil))
+        pending.append((state, nil, nil))
     }
 
     /// Sends what systemd refused with EAGAIN, in order. True when nothing is left.
     @discardableResult
     func retryPending() -> Bool {
-        while let (state, fd) = pending.first {
+        while let (state, fd, _) = pending.first {
             guard socket?.send(state, fds: fd.map { [$0.descriptor.rawValue] } ?? []) == nil else { return false }
             pending.removeFirst()
         }

@@ -22,6 +22,8 @@ public struct HeapResolver: Sendable {
     public let policies: [String: [String]]
     let heapDirectory: String
     let udmabufDevice: String
+    /// When the kernel's heaps were last read into this resolver.
+    public private(set) var scannedAt = ContinuousClock.now
 
     /// The default CMA region's names, best first: `default_cma_region` is its name since 6.17, `linux,cma`
     /// a devicetree board's, and `reserved` the legacy alias (DMABUF_HEAPS_CMA_LEGACY) of the same memory
@@ -61,6 +63,7 @@ public struct HeapResolver: Sendable {
             targets["udmabuf"] = .udmabuf
         }
         let changed = heaps != self.heaps
+        scannedAt = .now
         self.heaps = heaps
         self.targets = targets
         return changed
@@ -83,4 +86,19 @@ public struct HeapResolver: Sendable {
 
     /// True when `name` is a policy rather than a heap.
     public func isPolicy(_ name: String) -> Bool { policies[name] != nil }
+}
+
+extension Broker {
+    /// The least time between two rescans a request asks for. A name that matches no heap (or a listing,
+    /// without hotplug monitoring) would otherwise reread /dev/dma_heap and reopen every device per
+    /// request: CPU a client could spend for the daemon. Hotplug events and reloads rescan at once.
+    static let minimumRescanInterval: Duration = .seconds(1)
+
+    /// Rescans unless the last scan was less than ``minimumRescanInterval`` ago. True when it rescanned.
+    @discardableResult
+    func rescanHeapsIfDue() -> Bool {
+        guard ContinuousClock.now - resolver.scannedAt >= Broker.minimumRescanInterval else { return false }
+        rescanHeaps()
+        return true
+    }
 }

@@ -9,7 +9,7 @@ extension Broker {
     /// a memory cgroup; encoding for a v1 session leaves them out.
     func listHeaps() -> HeapsReply {
         // With hotplug monitoring the heap set is current; without it, a listing is when to look again.
-        if udev == nil { rescanHeaps() }
+        if udev == nil { rescanHeapsIfDue() }
         let memAccounting = kernel.memAccounting()
         let heaps = resolver.heaps.map { heap -> HeapInfo in
             var info = heap

@@ -114,6 +114,12 @@ extension Broker {
         try notRevoked(record)
         let range = try Validate.pages(a.firstPage, a.pageCount, of: record.pages, buffer: record.id)
         let conflicts = record.fences.conflicts(with: range, access: a.access.writes ? .write : .read)
+        // Each SYNC_IOC_MERGE copies every fence merged so far: merging n costs O(n²) on the loop, so a
+        // request merges at most max_merge_fences and is refused beyond (the fences signal by themselves).
+        guard conflicts.count <= Int(config.maxMergeFences) else {
+            throw Refusal(.resourceBusy, .limit, "\(conflicts.count) pending fences conflict with these pages, more than max_merge_fences \(config.maxMergeFences) merged per request",
+                          fix: "ask for fewer pages, or wait for some fences to signal (fence_signaled) and ask again")
+        }
         let files = conflicts.compactMap { fences[$0.value]?.syncFile }
         guard let merged = try kernel.mergeFences(files) else {
             return (.access(AccessReply(fences: 0)), [])

@@ -15,6 +15,8 @@ extension Broker {
         if externalReferences(record) == 0 {
             buffers[record.id] = nil
             books.uncharge(record.id)
+            if let timer = record.revokeTimer { loop.cancelTimer(timer) }
+            record.revokeTimer = nil
             logger.debug("buffer freed", metadata: ["id": "\(record.id)"])
         } else {
             scheduleDrain()
@@ -48,14 +50,33 @@ extension Broker {
         }
     }
 
+    /// Retries what systemd refused, from one timer at a time (every free or part-failed batch may ask).
     func retryFDStoreLater() {
-        guard fdStore.hasPending else { return }
+        guard fdStore.hasPending, !fdStore.retryScheduled else { return }
+        fdStore.retryScheduled = true
         loop.schedule(after: .milliseconds(50)) { [unowned self] in
+            self.fdStore.retryScheduled = false
             if !self.fdStore.retryPending() { self.retryFDStoreLater() }
         }
     }
 
     // MARK: - Revocation
+
+    /// The longest revocation deadline a client may ask for (`deadline_ms`): a lease holder gets at most
+    /// this long to release, and a revoked buffer's timer lives at most this long.
+    static let maximumRevokeDeadline: Duration = .seconds(600)
+
+    /// A client's `deadline_ms`: 0 means `revoke_deadline`; above ``maximumRevokeDeadline`` is refused.
+    func revokeDeadline(milliseconds ms: UInt32) throws -> Duration {
+        guard ms > 0 else { return config.revokeDeadline }
+        let deadline = Duration.milliseconds(Int64(ms))
+        guard deadline <= Broker.maximumRevokeDeadline else {
+            throw Refusal(.invalidArgument, .invalidArgument,
+                          "deadline_ms \(ms) is above the maximum \(Broker.maximumRevokeDeadline.wholeMilliseconds) (10 minutes)",
+                          fix: "ask for a shorter deadline, or 0 for the daemon's revoke_deadline")
+        }
+        return deadline
+    }
 
     /// Revokes a buffer: holders hear `leaseRevoked`, get `deadline` to release, then their leases are
     /// ended for them; the buffer is freed once their fences signal. Its generation is never reused.
@@ -74,8 +95,12 @@ extension Broker {
             send(session, .leaseRevoked(lease: lease.id, buffer: record.id, deadlineMilliseconds: ms), requestID: 0)
         }
         if !record.leases.isEmpty {
-            // Weak: a buffer freed before the deadline must not be kept (with its fd) by the timer.
-            loop.schedule(after: deadline) { [unowned self, weak record] in record.map(self.endLeases(of:)) }
+            // Weak: a buffer freed before the deadline must not be kept (with its fd) by the timer; and
+            // freeing cancels it, so no timer outlives its buffer.
+            record.revokeTimer = loop.schedule(after: deadline) { [unowned self, weak record] in
+                record?.revokeTimer = nil
+                record.map(self.endLeases(of:))
+            }
         }
         maybeFree(record)
     }

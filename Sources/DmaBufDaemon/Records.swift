@@ -83,6 +83,8 @@ final class BufferRecord {
     var restored = false
     /// systemd's fd store holds a copy (FDSTORE=1 succeeded): one more file reference in fdinfo `count`.
     var stored = false
+    /// The revocation deadline's timer, cancelled when the buffer is freed first.
+    var revokeTimer: UInt64?
 
     init(id: BufferID, fd: SharedFD, facts: BufferFacts, heap: String, tag: String, name: String,
          owner: PeerCredentials, cgroup: String, ownerSession: UInt64?) {

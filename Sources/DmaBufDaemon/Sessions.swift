@@ -91,7 +91,7 @@ extension Broker {
     private func readMessages(_ session: ClientSession) {
         for _ in 0..<16 {
             guard sessions[session.socket.descriptor.rawValue] === session, !session.closing, !session.readingPaused else { return }
-            guard closer.hasRoom else {
+            guard closerHasRoom(for: session.uid) else {
                 pauseReading(session, retry: true)
                 return
             }
@@ -114,8 +114,8 @@ extension Broker {
             var fds: [SharedFD] = []
             swap(&fds, &message.fds)
             receive(session, message, fds: fds)
-            // The client's descriptors are closed off the loop: whatever the request kept stays open.
-            closer.retire(consume fds)
+            // Whatever the request kept stays open; unidentified kinds are closed off the loop.
+            retireClientFDs(consume fds, uid: session.uid)
         }
     }
 

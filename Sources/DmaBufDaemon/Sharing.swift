@@ -67,7 +67,7 @@ extension Broker {
         guard record.ownerUID == session.uid || session.uid == 0 else {
             throw Refusal(.notPermitted, .permissionDenied, "only the owner or root may revoke buffer \(r.buffer)")
         }
-        revoke(record, deadline: r.deadlineMilliseconds > 0 ? .milliseconds(Int64(r.deadlineMilliseconds)) : config.revokeDeadline)
+        revoke(record, deadline: try revokeDeadline(milliseconds: r.deadlineMilliseconds))
     }
 
     // MARK: - Lookups

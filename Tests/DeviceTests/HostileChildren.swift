@@ -150,6 +150,13 @@ struct Attacker {
         case "unlinger":
             keep.removeAll()
             return "released"
+        case "send-pipes":
+            return try sendPipes(n(1))
+        case "import-pipe":
+            // One request with an fd of a kind the daemon cannot close without blocking: its answer.
+            let pipe = try pipeReadEnd()
+            _ = try main.call(.importBuffer(tag: "pipe"), fds: [pipe.descriptor])
+            return "accepted"
         default:
             throw DmaBufClientError(local: "unknown command \(words[0])")
         }
@@ -309,6 +316,47 @@ struct Attacker {
         _ = try UnixSocket.send(try main.socket.descriptor, bytes: bytes, fds: [clientFD.descriptor])
         return "\(queued)"
     }
+}
+
+extension Attacker {
+    /// `send-pipes N`: up to N imports, each carrying a pipe (closed on a closer thread), without waiting
+    /// for their answers; a full socket is waited on for up to a second, then the sending stops. On a
+    /// daemon with one closer thread and a shared queue, a close that blocks makes these fill that
+    /// queue, and then no client at all is read; with per-uid closing, this uid alone stops being read.
+    mutating func sendPipes(_ count: Int) throws -> String {
+        let socket = try main.socket.descriptor
+        let version = try main.server.version
+        var sent = 0
+        var stopped = "full"
+        for i in 0..<count {
+            guard let pipe = try? pipeReadEnd() else { stopped = "EMFILE"; break }
+            let bytes = WireMessage.encode(.importBuffer(tag: "pipe"), requestID: UInt32(1000 + i), descriptors: 1, version: version)
+            var done = false
+            for _ in 0..<2 where !done {
+                do {
+                    try UnixSocket.send(socket, bytes: bytes, fds: [pipe.descriptor], flags: CInt(MSG_DONTWAIT))
+                    done = true
+                } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
+                    var p = pollfd(fd: socket.rawValue, events: Int16(POLLOUT), revents: 0)
+                    _ = poll(&p, 1, 1000)
+                } catch let error as DmaBufError {
+                    stopped = error.errno?.name ?? "EIO"
+                    break
+                }
+            }
+            guard done else { break }
+            sent += 1
+        }
+        return "\(sent) \(stopped)"
+    }
+}
+
+/// A pipe's read end, its write end closed.
+func pipeReadEnd() throws -> SharedFD {
+    var ends: [CInt] = [0, 0]
+    guard pipe(&ends) == 0 else { throw DmaBufError("pipe", Errno(rawValue: errno), "pipe failed") }
+    _ = close(ends[1])
+    return SharedFD(adopting: ends[0])
 }
 
 /// The test side of a `hostile-agent` child.

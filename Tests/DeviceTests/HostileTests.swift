@@ -264,6 +264,26 @@ enum HostileTests {
                 try attacker.ok("unlinger")
             }
         },
+        DeviceTest("hostile.close-blocking-fd-other-uid", requires: system) {
+            // One uid's close blocks (a lingering TCP socket) and it sends fds of unidentified kinds until
+            // it is at max_closing_fds_per_uid: another uid's request with such an fd is still answered
+            // (its close runs on its own closer thread) and the stuck uid is paused, not dropped.
+            try bringUpLoopback()
+            try hostile(config: "max_closing_fds_per_uid = 40", "a blocking close, then unidentified fds up to the closing bound") { daemon, _, attacker in
+                try attacker.ok("linger")
+                let sent = try attacker.ok("send-pipes 5000", timeout: .seconds(600))
+                Harness.say("  sent a lingering TCP socket and \(sent[0]) imports with pipes behind it (then: \(sent.dropFirst().joined(separator: " ")))")
+                let other = try HostileAgent(uid: 65533, connectTo: daemon.socketPath)
+                defer { other.end() }
+                // The refusal is the answer: the client library reports it as an error.
+                let answer = try other.ask("import-pipe", timeout: liveness)
+                try expect(answer.hasPrefix("err EBADF"), "another uid's import of a pipe got '\(answer)', expected EBADF")
+                try expectServesAnother(daemon, while: "uid 65534 is stuck at its closing bound")
+                try attacker.ok("unlinger")
+                let reply = try attacker.ask("stats", timeout: liveness)
+                try expect(reply.hasPrefix("ok"), "the stuck uid's connection after its close finished: \(reply)")
+            }
+        },
         DeviceTest("hostile.revoke-10k-leases", requires: system) {
             try hostile("revoking a buffer with many leases") { daemon, _, attacker in
                 let id = try attacker.ok("alloc 65536 system")[0]

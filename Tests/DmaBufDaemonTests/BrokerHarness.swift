@@ -70,6 +70,7 @@ final class BrokerHarness {
     func expectBaseline(sourceLocation: SourceLocation = #_sourceLocation) {
         for client in clients { client.close() }
         clients = []
+        kernel.signalMerges()  // their inputs are signalled or gone; the fake keeps them open until then
         let idle = pump(until: { self.broker.isIdle }, iterations: 400)
         #expect(idle, "books not at baseline: buffers \(broker.buffers.count), leases \(broker.leases.count), fences \(broker.fences.count), tokens \(broker.tokens.count), sessions \(broker.sessions.count), charges \(broker.books.charges.count), perUID \(broker.perUID)", sourceLocation: sourceLocation)
         // The fd closer runs on its own thread: give it a bounded number of chances.

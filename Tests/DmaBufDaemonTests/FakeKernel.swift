@@ -57,9 +57,15 @@ final class FakeKernel: KernelBackend {
         return BufferFacts(size: UInt64(st.st_size), inode: UInt64(st.st_ino))
     }
 
+    /// fds of this process open on the buffer's file: same device and inode (one fstat per fd, no
+    /// readlink: the request-handling fuzzer calls this on every free).
     func referenceCount(_ buffer: SharedFD) -> Int? {
-        guard let inode = try? facts(buffer).inode else { return nil }
-        return FakeKernel.openFDs().filter { link($0).hasPrefix("/memfd:fake-dmabuf") && FakeKernel.inode(of: $0) == inode }.count
+        var target = stat()
+        guard fstat(buffer.descriptor.rawValue, &target) == 0 else { return nil }
+        return FakeKernel.openFDs().filter { fd in
+            var st = stat()
+            return fstat(fd, &st) == 0 && st.st_ino == target.st_ino && st.st_dev == target.st_dev
+        }.count
     }
 
     func exporter(_ buffer: SharedFD) -> String? { kind(of: buffer) == .dmaBuf ? "fake" : nil }
@@ -73,11 +79,23 @@ final class FakeKernel: KernelBackend {
 
     func importFence(_ fence: SharedFD, into buffer: SharedFD, write: Bool) throws { imports += 1 }
 
+    /// Merged fences made while some input was pending. A real merged sync_file signals when its inputs
+    /// do; this fake one does not know its inputs, so whoever signals every fence must signal these too.
+    /// Kept open until ``signalMerges()`` (the copy a reply carries is another fd on the same file, so
+    /// only a reference of its own lets the fake signal it); BrokerHarness calls it before counting fds.
+    private(set) var pendingMerges: [FakeFence] = []
+
     func mergeFences(_ fences: [SharedFD]) throws -> SharedFD? {
         guard !fences.isEmpty else { return nil }
         let merged = FakeFence()
-        if fences.allSatisfy(FakeFence.isSignaled) { merged.signal() }
+        if fences.allSatisfy(FakeFence.isSignaled) { merged.signal() } else { pendingMerges.append(merged) }
         return merged.fd
+    }
+
+    /// Signals every merged fence made so far (their inputs have been signalled) and lets go of them.
+    func signalMerges() {
+        pendingMerges.forEach { $0.signal() }
+        pendingMerges.removeAll()
     }
 
     func physicalRuns(memfd: SharedFD, pages: PageRuns) throws -> PageRuns {

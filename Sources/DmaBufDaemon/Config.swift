@@ -62,6 +62,26 @@ public struct DaemonConfig: Sendable, Equatable {
     /// `FileDescriptorStoreMax=`. Allocations beyond it are refused (EMFILE) rather than silently not stored.
     public var fdStoreMax: UInt32 = 16384
 
+    // Charging the client's cgroup (docs/DESIGN.md, "Charging the client's cgroup").
+    /// `charge_client = required | best-effort | off`: allocate in a helper in the client's cgroup.
+    public var chargeClient = ChargeMode.bestEffort
+    /// `charge_helpers_max`: helpers (one per client cgroup with connected clients) alive at once.
+    public var chargeHelpersMax: UInt32 = 256
+    /// `charge_timeout`: how long one allocation may take in a helper before it is refused and the helper killed.
+    public var chargeTimeout: Duration = .seconds(2)
+    /// `charge_helper`: the helper executable; empty means `dmabufd-charge` beside the running executable.
+    public var chargeHelper = ""
+
+    /// What to do when a client's allocation cannot run in its own cgroup.
+    public enum ChargeMode: String, Sendable, Equatable {
+        /// Refuse the allocation.
+        case required
+        /// Allocate in the daemon instead (charged to the daemon's cgroup), logged and counted.
+        case bestEffort = "best-effort"
+        /// Always allocate in the daemon: no helpers.
+        case off
+    }
+
     public struct Quota: Sendable, Equatable {
         public var bytes: UInt64
         public var buffers: UInt32
@@ -174,6 +194,15 @@ public struct DaemonConfig: Sendable, Equatable {
     /// The bounds on what clients can make the daemon hold.
     private mutating func applyBound(key: String, value: String, size: () throws -> UInt64, count: () throws -> UInt32) throws {
         switch key {
+        case "charge_client":
+            guard let mode = ChargeMode(rawValue: value) else { throw ConfigValueError(text: "'\(value)' is not required, best-effort or off") }
+            chargeClient = mode
+        case "charge_timeout":
+            guard let d = parseDuration(value), d > .zero else { throw ConfigValueError(text: "'\(value)' is not a positive duration (like 500ms, 5s)") }
+            chargeTimeout = d
+        case "charge_helper":
+            guard value.hasPrefix("/") else { throw ConfigValueError(text: "'\(value)' must be an absolute path") }
+            chargeHelper = value
         case "hello_timeout":
             guard let d = parseDuration(value), d > .zero else { throw ConfigValueError(text: "'\(value)' is not a positive duration (like 500ms, 5s)") }
             helloTimeout = d
@@ -198,7 +227,7 @@ public struct DaemonConfig: Sendable, Equatable {
         "max_tokens_per_client": \.maxTokensPerClient, "max_tokens_per_uid": \.maxTokensPerUID,
         "max_fences_per_client": \.maxFencesPerClient, "max_fences_per_uid": \.maxFencesPerUID,
         "max_shares_per_buffer": \.maxSharesPerBuffer, "max_shares_per_uid": \.maxSharesPerUID,
-        "fd_store_max": \.fdStoreMax,
+        "fd_store_max": \.fdStoreMax, "charge_helpers_max": \.chargeHelpersMax,
     ] }
 
     private func setQuota(_ quota: inout Quota, field: String, size: () throws -> UInt64, count: () throws -> UInt32) throws {

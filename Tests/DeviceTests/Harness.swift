@@ -92,6 +92,7 @@ enum KernelFeature: String, Hashable, Sendable, CustomStringConvertible, CaseIte
     case swSync = "sw_sync"
     case cmaHeap = "the CMA heap"
     case vgemModule = "vgem as a loadable module"
+    case heapMemcg = "heap memory cgroup charging (dma_heap.mem_accounting=1)"
 
     var description: String { rawValue }
 
@@ -101,6 +102,7 @@ enum KernelFeature: String, Hashable, Sendable, CustomStringConvertible, CaseIte
         case .swSync: SwSyncTimeline.isAvailable()
         case .cmaHeap: !CMAFacts.heapNames().isEmpty
         case .vgemModule: Harness.moduleExists("vgem")
+        case .heapMemcg: Harness.readFile("/sys/module/dma_heap/parameters/mem_accounting")?.hasPrefix("Y") ?? false
         }
     }
 
@@ -108,8 +110,9 @@ enum KernelFeature: String, Hashable, Sendable, CustomStringConvertible, CaseIte
     /// (then a lacking feature is a failure in the VM, as for devices).
     static var expected: Set<KernelFeature>? {
         switch Harness.vmKernel {
-        case "6.12", "7.3": [.vgemModule]
-        case "7.3-cma": [.swSync, .cmaHeap]
+        case "6.12": [.vgemModule]
+        case "7.3": [.vgemModule, .heapMemcg]
+        case "7.3-cma": [.swSync, .cmaHeap, .heapMemcg]
         default: nil
         }
     }

@@ -81,8 +81,8 @@ final class ChargeHelpers: ChargeService {
     func devicesChanged() { devices.removeAll() }
 
     func submit(_ request: ChargeRequest, cgroup: String, done: @escaping (Result<ChargeReply, Error>) -> Void) throws {
-        let helper = try helpers[cgroup] ?? start(in: cgroup)
         let device = try self.device(for: request)
+        let helper = try helpers[cgroup] ?? start(in: cgroup)
         var fds = [device.descriptor]
         if case .udmabufFromMemfd(let memfd, let ranges) = request {
             guard ranges.count <= ChargeWire.maximumRanges else {

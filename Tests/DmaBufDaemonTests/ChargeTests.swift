@@ -208,3 +208,79 @@ struct ChargeTests {
         #expect(DaemonConfig().chargeClient == .bestEffort)
     }
 }
+
+/// The real ``ChargeHelpers`` with the real `dmabufd-charge` (built beside the tests) on the host: the
+/// cgroup tree is a directory of plain files, and the "heap" a plain file, so the helper's ioctl fails
+/// with ENOTTY. What is tested is the process side: spawn, move, the wire round trip, timeout, kill, reap.
+@Suite("Charge helper processes", .serialized)
+struct ChargeHelperProcessTests {
+    final class Fixture {
+        let directory: String
+        let loop: EventLoop
+        let helpers: ChargeHelpers
+        init(helper: String? = nil, timeout: Duration = .seconds(5)) throws {
+            directory = NSTemporaryDirectory() + "dmabufd-charge-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+            for path in [directory, directory + "/cgroup", directory + "/cgroup/x.scope", directory + "/heaps"] { mkdir(path, 0o755) }
+            for file in ["/cgroup/cgroup.controllers", "/cgroup/x.scope/cgroup.procs", "/heaps/system"] {
+                FileManager.default.createFile(atPath: directory + file, contents: Data())
+            }
+            var config = DaemonConfig()
+            config.heapDirectory = directory + "/heaps"
+            config.chargeTimeout = timeout
+            if let helper { config.chargeHelper = helper }
+            loop = try EventLoop()
+            var logger = Logger(label: "charge-test")
+            logger.logLevel = .critical
+            helpers = ChargeHelpers(loop: loop, logger: logger, config: config, closer: .shared, kernel: FakeKernel(), ownCgroup: "/daemon",
+                                    cgroupRoot: directory + "/cgroup")
+        }
+        deinit { try? FileManager.default.removeItem(atPath: directory) }
+
+        func run(until condition: () -> Bool) -> Bool {
+            for _ in 0..<2000 where !condition() { loop.runOnce(timeoutMilliseconds: 5) }
+            return condition()
+        }
+    }
+
+    @Test func roundTripMovesTheHelperAndReapsItAfterTheLastClient() throws {
+        let f = try Fixture()
+        f.helpers.clientConnected(cgroup: "/x.scope")
+        var result: Result<ChargeReply, Error>?
+        try f.helpers.submit(.heap(name: "system", size: 4096, fdFlags: 0, heapFlags: 0), cgroup: "/x.scope") { result = $0 }
+        #expect(f.run { result != nil })
+        guard case .failure(let error as DmaBufError) = result else { Issue.record("\(String(describing: result))"); return }
+        #expect(error.errno == .inappropriateIOCTLForDevice, "\(error)")
+        let moved = (try? String(contentsOfFile: f.directory + "/cgroup/x.scope/cgroup.procs", encoding: .utf8)) ?? ""
+        #expect(Int32(moved) != nil, "cgroup.procs holds '\(moved)'")
+        #expect(f.helpers.helperCount == 1)
+        f.helpers.clientLeft(cgroup: "/x.scope")
+        #expect(f.run { f.helpers.helperCount == 0 }, "the helper was not reaped")
+        #expect(Int32(moved).map { kill($0, 0) != 0 } ?? false, "the helper process still exists")
+    }
+
+    @Test func aHelperThatDoesNotAnswerTimesOutAndIsKilled() throws {
+        let script = NSTemporaryDirectory() + "dmabufd-silent-\(getpid())"
+        try "#!/bin/sh\nexec sleep 1000\n".write(toFile: script, atomically: true, encoding: .utf8)
+        chmod(script, 0o755)
+        defer { unlink(script) }
+        let f = try Fixture(helper: script, timeout: .milliseconds(100))
+        f.helpers.clientConnected(cgroup: "/x.scope")
+        var result: Result<ChargeReply, Error>?
+        defer { f.helpers.clientLeft(cgroup: "/x.scope") }
+        try f.helpers.submit(.heap(name: "system", size: 4096, fdFlags: 0, heapFlags: 0), cgroup: "/x.scope") { result = $0 }
+        #expect(f.run { result != nil })
+        guard case .failure(let error as ChargeUnavailable) = result else { Issue.record("\(String(describing: result))"); return }
+        #expect(error.errno == .timedOut && error.description.contains("charge_timeout"))
+        #expect(f.run { f.helpers.helperCount == 0 }, "the silent helper was not killed and reaped")
+    }
+
+    @Test func unplaceableCgroupsAreRefusedWithAReason() throws {
+        let f = try Fixture()
+        for cgroup in ["/", "", "/a/../b", "relative"] {
+            #expect(throws: ChargeUnavailable.self) {
+                try f.helpers.submit(.heap(name: "system", size: 4096, fdFlags: 0, heapFlags: 0), cgroup: cgroup) { _ in }
+            }
+        }
+        #expect(f.helpers.helperCount == 0)
+    }
+}

@@ -172,7 +172,10 @@ public final class Broker: @unchecked Sendable {
     /// Runs on the loop: tells systemd the daemon is alive. A hung loop never gets here, so the watchdog
     /// restarts it.
     public func pingWatchdog() {
-        fdStore.notify("WATCHDOG=1\nSTATUS=\(sessions.count) clients, \(buffers.count) buffers, \(leases.count) leases")
+        // Charge helpers and the allocations that could not be charged to their client (best-effort
+        // fallbacks) show in `systemctl status`.
+        let charging = charger.map { ", \($0.helperCount) charge helpers, \(chargeFallbacks) allocations charged to dmabufd" } ?? ""
+        fdStore.notify("WATCHDOG=1\nSTATUS=\(sessions.count) clients, \(buffers.count) buffers, \(leases.count) leases\(charging)")
     }
 
     // MARK: - Dispatch

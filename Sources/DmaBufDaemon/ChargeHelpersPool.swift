@@ -49,6 +49,8 @@ final class ChargeHelpers: ChargeService {
     /// Helpers killed and not yet reaped: pidfd readiness (or a retry timer) reaps them.
     private var dying: [CInt: ChargeHelper] = [:]
     private var devices: [String: SharedFD] = [:]
+    /// Cgroups a helper could not be moved into, until their last client leaves: no spawn per request.
+    private var unplaceable: [String: ChargeUnavailable] = [:]
 
     init(loop: EventLoop, logger: Logger, config: DaemonConfig, closer: FDCloser, kernel: KernelBackend, ownCgroup: String,
          cgroupRoot: String = "/sys/fs/cgroup") {
@@ -75,6 +77,7 @@ final class ChargeHelpers: ChargeService {
         guard let n = clients[cgroup] else { return }
         if n > 1 { clients[cgroup] = n - 1; return }
         clients[cgroup] = nil
+        unplaceable[cgroup] = nil
         if let helper = helpers[cgroup] { retire(helper, failing: ChargeUnavailable(errno: .connectionAbort, description: "the cgroup's last client left", fix: "")) }
     }
 
@@ -127,6 +130,7 @@ extension ChargeHelpers {
 
     /// Spawns a helper and moves it into `cgroup`; throws ``ChargeUnavailable`` saying why it cannot.
     private func start(in cgroup: String) throws -> ChargeHelper {
+        if let known = unplaceable[cgroup] { throw known }
         let directory = try placement(cgroup)
         guard helpers.count + dying.count < Int(config.chargeHelpersMax) else {
             throw ChargeUnavailable(errno: .resourceTemporarilyUnavailable,
@@ -145,9 +149,11 @@ extension ChargeHelpers {
         let moved = CDmabufdCharge_write_procs(directory + "/cgroup.procs", "\(pid)")
         if moved != 0 {
             bury(helper)
-            throw ChargeUnavailable(errno: Errno(rawValue: moved), description: "cannot move the charge helper into \(cgroup): cgroup.procs: \(Errno(rawValue: moved))",
+            let unavailable = ChargeUnavailable(errno: Errno(rawValue: moved), description: "cannot move the charge helper into \(cgroup): cgroup.procs: \(Errno(rawValue: moved))",
                                     fix: moved == EBUSY ? "the cgroup has controllers enabled for its children; run the client in a leaf cgroup"
                                         : "give dmabufd write access to cgroup.procs (CAP_DAC_OVERRIDE, ProtectControlGroups=no: systemd/dmabufd.service)", placement: true)
+            if clients[cgroup] != nil { unplaceable[cgroup] = unavailable }
+            throw unavailable
         }
         _ = CDmaBuf_fcntl(mine.descriptor.rawValue, F_SETFL, CDmaBuf_fcntl(mine.descriptor.rawValue, F_GETFL, 0) | O_NONBLOCK)
         do {

@@ -239,8 +239,8 @@ enum CgroupChargeTests {
                 try withChargedClient(config: "charge_client = \(mode)") { _, client, _, _ in
                     _ = try client.ok("loop 20 4096 system")
                     var best = Int.max
-                    for _ in 0..<3 { best = min(best, Int(try client.ok("loop 200 4096 system")[0])!) }
-                    samples.append("\(mode): \(best / 200 / 1000) us per 4 KiB allocate+release")
+                    for _ in 0..<3 { best = min(best, Int(try client.ok("loop 100 4096 system")[0])!) }
+                    samples.append("\(mode): \(best / 100 / 1000) us per 4 KiB allocate+release")
                 }
             }
             Harness.say("    " + samples.joined(separator: "; "))

@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "DmaBufClient", targets: ["DmaBufClient"]),
         .executable(name: "dmabufd", targets: ["dmabufd"]),
         .executable(name: "dmabufctl", targets: ["dmabufctl"]),
+        .executable(name: "dmabufd-charge", targets: ["dmabufd-charge"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system.git", from: "1.4.0"),
@@ -23,6 +24,8 @@ let package = Package(
         .target(name: "CDmaBuf"),
         // dmabufd's start-up constructor: opens /proc/self/pagemap, then drops every capability.
         .target(name: "CDmabufdStart"),
+        // The daemon's side of the charge helpers: posix_spawn, pidfd kill and reap, the cgroup.procs write.
+        .target(name: "CDmabufdCharge", cSettings: [.define("_GNU_SOURCE")]),
         .systemLibrary(name: "CUdev", pkgConfig: "libudev", providers: [.apt(["libudev-dev"])]),
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
         // Pure value types (page runs, errno names) shared by every layer; nothing but the stdlib.
@@ -44,7 +47,7 @@ let package = Package(
         .target(
             name: "DmaBufDaemon",
             dependencies: [
-                "DmaBuf", "DmaBufWire", "CDmaBuf", "CUdev", "CSystemd",
+                "DmaBuf", "DmaBufWire", "CDmaBuf", "CUdev", "CSystemd", "CDmabufdCharge",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "HeapModule", package: "swift-collections"),
@@ -62,6 +65,8 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
+        // The charge helper dmabufd spawns into each client's memory cgroup: plain C, no Swift runtime.
+        .executableTarget(name: "dmabufd-charge", cSettings: [.define("_GNU_SOURCE")]),
         .target(
             name: "DmaBufCLI",
             dependencies: [

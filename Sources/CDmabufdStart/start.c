@@ -1,5 +1,11 @@
 // dmabufd's first act, before main() and before any thread exists: open /proc/self/pagemap while
-// privileged, then drop every capability for good. Only the dmabufd executable links this target.
+// privileged, then drop every capability for good but one: CAP_DAC_OVERRIDE, when the unit grants it,
+// stays in the permitted set only (not effective, not inheritable, not ambient). The event-loop thread
+// raises it into its own effective set for the single write that moves a charge helper into a client's
+// cgroup (cgroup.procs of the target and of the common ancestor belong to root or to the client), and
+// lowers it at once (Sources/CDmabufdCharge/charge.c). Helpers never get it: execve gives a process
+// without file capabilities an empty permitted set when the ambient set is empty. Only the dmabufd
+// executable links this target.
 #include "CDmabufdStart.h"
 
 #include <errno.h>
@@ -20,6 +26,10 @@ static int drop_capabilities(void) {
     struct __user_cap_header_struct header = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
     struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
     memset(data, 0, sizeof data);
+    __u32 keep = 0;
+    if (syscall(SYS_capget, &header, data) == 0) keep = data[0].permitted & (1u << CAP_DAC_OVERRIDE);
+    memset(data, 0, sizeof data);
+    data[0].permitted = keep;
     return syscall(SYS_capset, &header, data) == 0 ? 0 : errno;
 }
 

@@ -110,6 +110,26 @@ struct Accounting {
         inFlight[cgroup] = left == 0 ? nil : left
     }
 
+    /// A deferred request (allocation in a charge helper) between admission and its answer.
+    struct Flight { let uid: UInt32; let cgroup: String; let bytes: UInt64; let buffers: UInt32; let createsMemory: Bool }
+    /// Bytes and buffers of deferred requests by uid: ``admit`` counts them as held, so requests of one uid
+    /// waiting on helpers at once cannot together pass its quota.
+    private(set) var inFlightByUID: [UInt32: Usage] = [:]
+
+    mutating func started(_ flight: Flight) {
+        if flight.createsMemory { started(flight.cgroup, bytes: flight.bytes) }
+        inFlightByUID[flight.uid, default: Usage()].bytes &+= flight.bytes
+        inFlightByUID[flight.uid, default: Usage()].buffers &+= flight.buffers
+    }
+
+    mutating func finished(_ flight: Flight) {
+        if flight.createsMemory { finished(flight.cgroup, bytes: flight.bytes) }
+        var pending = inFlightByUID[flight.uid] ?? Usage()
+        pending.bytes -= min(pending.bytes, flight.bytes)
+        pending.buffers -= min(pending.buffers, flight.buffers)
+        inFlightByUID[flight.uid] = pending.bytes == 0 && pending.buffers == 0 ? nil : pending
+    }
+
     /// What dmabufd holds for owners in `path` and every cgroup below it.
     func subtreeUsage(_ path: CgroupPath) -> (usage: CgroupUsage, inFlight: UInt64) {
         var total = CgroupUsage()
@@ -146,7 +166,11 @@ struct Accounting {
             throw Refusal(.overflow, .invalidArgument, "\(count) buffers of \(size) bytes overflow 64 bits", fix: "ask for less")
         }
         let quota = config.quota(for: uid)
-        let used = usage[uid] ?? Usage()
+        var used = usage[uid] ?? Usage()
+        if let pending = inFlightByUID[uid] {
+            used.bytes &+= pending.bytes  // both bounded by the quota admission already held them to
+            used.buffers &+= pending.buffers
+        }
         let overBytes = used.bytes > quota.bytes || total > quota.bytes - used.bytes
         let overCount = UInt64(used.buffers) + UInt64(count) > UInt64(quota.buffers)
         if overBytes || overCount {
@@ -222,6 +246,6 @@ struct Accounting {
 
     /// True when nothing is charged: the books are back to their baseline.
     var isBalanced: Bool {
-        charges.isEmpty && heapUsage.isEmpty && cgroupUsage.isEmpty && inFlight.isEmpty && usage.values.allSatisfy { $0.bytes == 0 && $0.buffers == 0 }
+        charges.isEmpty && heapUsage.isEmpty && cgroupUsage.isEmpty && inFlight.isEmpty && inFlightByUID.isEmpty && usage.values.allSatisfy { $0.bytes == 0 && $0.buffers == 0 }
     }
 }

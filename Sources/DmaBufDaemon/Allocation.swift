@@ -10,18 +10,25 @@ import Glibc
 extension Broker {
     // MARK: - Allocation family: allocate, create_udmabuf(_from_memfd), import, release
 
-    func allocate(_ session: ClientSession, _ a: AllocateRequest) throws -> (Response, [SharedFD]) {
+    func allocate(_ session: ClientSession, _ a: AllocateRequest) throws -> (Response?, [SharedFD]) {
         try Validate.tag(a.tag)
         try Validate.size(a.size, config: config)
         try Validate.allocationFlags(fdFlags: a.fdFlags, heapFlags: a.heapFlags)
         try admit(session, size: a.size, daemonMemfd: firstTargetIsDaemonMemfd(a.heap))
+        if chargesClient(session) {
+            return deferAdmitted(session, bytes: a.size, buffers: 1) { reply in
+                allocateCharged(session, size: a.size, heap: a.heap, tag: a.tag, fdFlags: a.fdFlags, count: 1) { [unowned self] result in
+                    reply(result.map { (.buffer(self.info($0[0], for: session)), [$0[0].fd]) })
+                }
+            }
+        }
         let record = try allocateOne(session, size: a.size, heap: a.heap, tag: a.tag, fdFlags: a.fdFlags)
         return (.buffer(info(record, for: session)), [record.fd])
     }
 
     /// v2 `allocate_batch`: all or nothing. Admission covers count × size; on a failure part-way, what was
     /// made is freed (and uncharged) before the error is returned.
-    func allocateBatch(_ session: ClientSession, _ b: AllocateBatchRequest) throws -> (Response, [SharedFD]) {
+    func allocateBatch(_ session: ClientSession, _ b: AllocateBatchRequest) throws -> (Response?, [SharedFD]) {
         try Validate.tag(b.tag)
         try Validate.size(b.size, config: config)
         try Validate.allocationFlags(fdFlags: b.fdFlags, heapFlags: b.heapFlags)
@@ -29,6 +36,13 @@ extension Broker {
             throw Refusal(.invalidArgument, .invalidArgument, "count \(b.count) is outside 1...\(WireLimits.maximumBatchCount)")
         }
         try admit(session, size: b.size, count: UInt32(b.count), daemonMemfd: firstTargetIsDaemonMemfd(b.heap))
+        if chargesClient(session) {
+            return deferAdmitted(session, bytes: b.size &* UInt64(b.count), buffers: UInt32(b.count)) { reply in  // admit checked the product
+                allocateCharged(session, size: b.size, heap: b.heap, tag: b.tag, fdFlags: b.fdFlags, count: Int(b.count)) { [unowned self] result in
+                    reply(result.map { made in (.buffers(made.map { self.info($0, for: session) }), made.map(\.fd)) })
+                }
+            }
+        }
         var made: [BufferRecord] = []
         do {
             for _ in 0..<b.count { made.append(try allocateOne(session, size: b.size, heap: b.heap, tag: b.tag, fdFlags: b.fdFlags)) }
@@ -40,14 +54,15 @@ extension Broker {
     }
 
     /// Undoes a buffer that was never handed out: out of the tables, the books and the fd store.
-    private func discard(_ record: BufferRecord, from session: ClientSession) {
+    func discard(_ record: BufferRecord, from session: ClientSession) {
         session.owned.remove(record.id)
         buffers[record.id] = nil
         books.uncharge(record.id)
         fdStore.remove(record.id)  // stored or still queued: either way it must not stay in the store
     }
 
-    private func allocateOne(_ session: ClientSession, size: UInt64, heap: String, tag: String, fdFlags: UInt32) throws -> BufferRecord {
+    /// The heaps to try for `heap` (a heap or a policy), in order; rescans once when there are none.
+    func heapChain(_ heap: String) throws -> [(String, HeapResolver.Target)] {
         var chain = resolver.chain(for: heap)
         if chain.isEmpty, rescanHeapsIfDue() {
             chain = resolver.chain(for: heap)
@@ -55,8 +70,12 @@ extension Broker {
         guard !chain.isEmpty else {
             throw Refusal(.noSuchFileOrDirectory, .noHeap, "no heap or policy named '\(heap)' is available", fix: "available: \(availableNames())")
         }
+        return chain.map { ($0.0, $0.1) }
+    }
+
+    private func allocateOne(_ session: ClientSession, size: UInt64, heap: String, tag: String, fdFlags: UInt32) throws -> BufferRecord {
         var lastError: Error?
-        for (logical, target) in chain {
+        for (logical, target) in try heapChain(heap) {
             do {
                 return try make(target, logical: logical, size: size, session: session, tag: tag, fdFlags: fdFlags)
             } catch let error as DmaBufError {
@@ -70,7 +89,7 @@ extension Broker {
 
     /// A CMA heap that is out of memory says how much it has left, so a camera program's log tells the
     /// user what happened (CMA exhaustion is the common failure there) instead of a bare ENOMEM.
-    private func explained(_ error: DmaBufError, target: HeapResolver.Target, size: UInt64) -> DmaBufError {
+    func explained(_ error: DmaBufError, target: HeapResolver.Target, size: UInt64) -> DmaBufError {
         guard error.errno == .noMemory, case .heap(let name) = target,
               resolver.heaps.contains(where: { $0.kind == "cma" && $0.device.hasSuffix("/" + name) }) else { return error }
         let totals = kernel.heapTotals(kind: "cma")
@@ -90,13 +109,15 @@ extension Broker {
             record.contiguous = resolver.isCMA(logical)
             return record
         case .udmabuf:
+            // A policy that falls back to udmabuf makes a memfd here: bounded like a udmabuf asked for.
+            try admitDaemonMemfd(roundedToPages(size))
             let made = try kernel.createUDmabuf(size: size, hugePages: false)
             return try register(made.buffer, session: session, heap: logical, tag: tag, memfd: made.memfd, ownedMemfd: true,
                                  runs: PageRuns(memfdRanges: [(0, made.size)]))
         }
     }
 
-    func createUDmabuf(_ session: ClientSession, _ u: UDmabufRequest) throws -> (Response, [SharedFD]) {
+    func createUDmabuf(_ session: ClientSession, _ u: UDmabufRequest) throws -> (Response?, [SharedFD]) {
         try Validate.tag(u.tag)
         try Validate.size(u.size, config: config)
         // The memfd is rounded up to its page size (2 MiB with huge pages): bound and charge what will
@@ -111,6 +132,16 @@ extension Broker {
         guard resolver.chain(for: "udmabuf").first != nil else {
             throw Refusal(.noSuchFileOrDirectory, .noHeap, "udmabuf is not available", fix: "the kernel needs CONFIG_UDMABUF")
         }
+        if chargesClient(session) {
+            let rounded = sum / unit * unit
+            return deferAdmitted(session, bytes: rounded, buffers: 1) { reply in
+                charge(session, .udmabuf(size: rounded, hugePages: u.hugePages)) { [unowned self] result in
+                    reply(result.flatMap { made in
+                        Result { try self.registerCharged(made, session: session, heap: "udmabuf", tag: u.tag, size: u.size, memfdSize: rounded) }
+                    }.map { (.buffer(self.info($0, for: session)), [$0.fd]) })
+                }
+            }
+        }
         let made = try kernel.createUDmabuf(size: u.size, hugePages: u.hugePages)
         let record = try register(made.buffer, session: session, heap: "udmabuf", tag: u.tag, memfd: made.memfd, ownedMemfd: true,
                                   runs: PageRuns(memfdRanges: [(0, made.size)]))
@@ -119,7 +150,7 @@ extension Broker {
 
     /// A udmabuf over the client's memfds (one in v1; in v2 each range names one of the message's fds, as
     /// `UDMABUF_CREATE_LIST` names a memfd per entry). Seals and bounds are the kernel's to refuse, with its errno.
-    func createUDmabuf(_ session: ClientSession, _ u: UDmabufFromMemfdRequest, memfds: [SharedFD]) throws -> (Response, [SharedFD]) {
+    func createUDmabuf(_ session: ClientSession, _ u: UDmabufFromMemfdRequest, memfds: [SharedFD]) throws -> (Response?, [SharedFD]) {
         try Validate.tag(u.tag)
         guard u.flags & ~UDmabufFlags.valid == 0 else {
             throw Refusal(.invalidArgument, .invalidArgument, "udmabuf flags 0x\(String(u.flags, radix: 16)) are not supported", fix: "use UDMABUF_FLAGS_CLOEXEC (0x01) or 0")
@@ -133,12 +164,25 @@ extension Broker {
             throw Refusal(.badFileDescriptor, .invalidArgument, "a range names a memfd the message does not carry")
         }
         try admit(session, size: total, createsMemory: false)
-        let fd = try kernel.createUDmabuf(ranges: u.ranges.map { (memfds[Int($0.memfd)], $0.offset, $0.size) })
+        let ranges = u.ranges.map { (memfd: Int($0.memfd), offset: $0.offset, size: $0.size) }
         // Memfd page runs are only meaningful within one memfd; over several the layout counts buffer pages.
         let used = Set(u.ranges.map(\.memfd))
         let single = used.count == 1 ? memfds[Int(used.first!)] : nil
+        let runs = single == nil ? nil : PageRuns(memfdRanges: u.ranges.map { ($0.offset, $0.size) })
+        if chargesClient(session) {
+            // UDMABUF_CREATE faults in the memfds' holes: in the helper, they are charged to the client.
+            return deferAdmitted(session, bytes: total, buffers: 1, createsMemory: false) { reply in
+                charge(session, .udmabufFromMemfds(memfds: memfds, ranges: ranges)) { [unowned self] result in
+                    reply(result.flatMap { made in
+                        Result { try self.registerCharged(made, session: session, heap: "udmabuf", tag: u.tag, size: total,
+                                                          runs: runs, clientMemfd: single, clientMemory: true) }
+                    }.map { (.buffer(self.info($0, for: session)), [$0.fd]) })
+                }
+            }
+        }
+        let fd = try kernel.createUDmabuf(ranges: ranges.map { (memfds[$0.memfd], $0.offset, $0.size) })
         let record = try register(fd, session: session, heap: "udmabuf", tag: u.tag, memfd: single, ownedMemfd: false,
-                                  runs: single == nil ? nil : PageRuns(memfdRanges: u.ranges.map { ($0.offset, $0.size) }), clientMemory: true)
+                                  runs: runs, clientMemory: true)
         return (.buffer(info(record, for: session)), [record.fd])
     }
 

@@ -54,6 +54,16 @@ public final class Broker: @unchecked Sendable {
     var shuttingDown = false
     /// Called on the loop thread once shutdown has finished.
     var onStopped: () -> Void = {}
+    /// Allocates in helpers inside clients' cgroups (`charge_client`); nil with `off`. Host tests put a fake here.
+    var charger: ChargeService?
+    /// Sessions whose request is waiting on a charge helper, by session id: the request id to answer.
+    /// Their further requests stay unread in their sockets until the answer goes out, so replies keep
+    /// their order.
+    var deferredRequests: [UInt64: UInt32] = [:]
+    /// The request being handled now (its id answers a deferred reply).
+    var servingRequestID: UInt32 = 0
+    /// Allocations that ran in the daemon because no helper could (`charge_client = best-effort`).
+    var chargeFallbacks = 0
 
     public init(config: DaemonConfig, loop: EventLoop, logger: Logger, kernel: KernelBackend? = nil, closer: FDCloser = .shared,
                 fdStore: FDStore? = nil) {
@@ -66,6 +76,11 @@ public final class Broker: @unchecked Sendable {
         let scan = self.kernel.rescan()
         self.resolver = HeapResolver(policies: config.policies, heapDirectory: config.heapDirectory, udmabufDevice: config.udmabufDevice,
                                      heaps: scan.heaps, udmabuf: scan.udmabuf)
+        // Helpers touch real devices and cgroups: only with the real kernel.
+        if kernel == nil && config.chargeClient != .off {
+            self.charger = ChargeHelpers(loop: loop, logger: logger, config: config, closer: closer, kernel: self.kernel,
+                                         ownCgroup: Broker.cgroupOf(pid: getpid()))
+        }
     }
 
     // MARK: - Start and stop
@@ -159,7 +174,10 @@ public final class Broker: @unchecked Sendable {
     /// Runs on the loop: tells systemd the daemon is alive. A hung loop never gets here, so the watchdog
     /// restarts it.
     public func pingWatchdog() {
-        fdStore.notify("WATCHDOG=1\nSTATUS=\(sessions.count) clients, \(buffers.count) buffers, \(leases.count) leases")
+        // Charge helpers and the allocations that could not be charged to their client (best-effort
+        // fallbacks) show in `systemctl status`.
+        let charging = charger.map { ", \($0.helperCount) charge helpers, \(chargeFallbacks) allocations charged to dmabufd" } ?? ""
+        fdStore.notify("WATCHDOG=1\nSTATUS=\(sessions.count) clients, \(buffers.count) buffers, \(leases.count) leases\(charging)")
     }
 
     // MARK: - Dispatch
@@ -224,6 +242,7 @@ public final class Broker: @unchecked Sendable {
     @discardableResult
     func rescanHeaps() -> Bool {
         let scan = kernel.rescan()
+        charger?.devicesChanged()
         return resolver.update(heaps: scan.heaps, udmabuf: scan.udmabuf)
     }
 

@@ -87,6 +87,26 @@ public struct DaemonConfig: Sendable, Equatable {
     /// applies.
     public var cgroupQuotas: [CgroupQuotaRule] = []
 
+    // Charging the client's cgroup (docs/DESIGN.md, "Charging the client's cgroup").
+    /// `charge_client = required | best-effort | off`: allocate in a helper in the client's cgroup.
+    public var chargeClient = ChargeMode.bestEffort
+    /// `charge_helpers_max`: helpers (one per client cgroup with connected clients) alive at once.
+    public var chargeHelpersMax: UInt32 = 256
+    /// `charge_timeout`: how long one allocation may take in a helper before it is refused and the helper killed.
+    public var chargeTimeout: Duration = .seconds(2)
+    /// `charge_helper`: the helper executable; empty means `dmabufd-charge` beside the running executable.
+    public var chargeHelper = ""
+
+    /// What to do when a client's allocation cannot run in its own cgroup.
+    public enum ChargeMode: String, Sendable, Equatable {
+        /// Refuse the allocation.
+        case required
+        /// Allocate in the daemon instead (charged to the daemon's cgroup), logged and counted.
+        case bestEffort = "best-effort"
+        /// Always allocate in the daemon: no helpers.
+        case off
+    }
+
     public struct Quota: Sendable, Equatable {
         public var bytes: UInt64
         public var buffers: UInt32
@@ -215,6 +235,13 @@ public struct DaemonConfig: Sendable, Equatable {
         case "max_daemon_memfd_bytes": maxDaemonMemfdBytes = try v.size()
         case "cgroup_admission": cgroupAdmission = try v.bool()
         case "cgroup_root": cgroupRoot = try v.absolutePath()
+        case "charge_client":
+            guard let mode = ChargeMode(rawValue: v.text) else { throw ConfigValueError(text: "'\(v.text)' is not required, best-effort or off") }
+            chargeClient = mode
+        case "charge_timeout":
+            guard let d = parseDuration(v.text), d > .zero else { throw ConfigValueError(text: "'\(v.text)' is not a positive duration (like 500ms, 5s)") }
+            chargeTimeout = d
+        case "charge_helper": chargeHelper = try v.absolutePath()
         default: return false
         }
         return true
@@ -282,7 +309,7 @@ public struct DaemonConfig: Sendable, Equatable {
         "max_tokens_per_client": \.maxTokensPerClient, "max_tokens_per_uid": \.maxTokensPerUID,
         "max_fences_per_client": \.maxFencesPerClient, "max_fences_per_uid": \.maxFencesPerUID,
         "max_shares_per_buffer": \.maxSharesPerBuffer, "max_shares_per_uid": \.maxSharesPerUID,
-        "fd_store_max": \.fdStoreMax,
+        "fd_store_max": \.fdStoreMax, "charge_helpers_max": \.chargeHelpersMax,
         "max_closing_fds_per_uid": \.maxClosingFDsPerUID, "max_merge_fences": \.maxMergeFences,
     ] }
 

@@ -70,6 +70,7 @@ extension Broker {
         sessions[fd.descriptor.rawValue] = session
         sessionsByID[session.id] = session
         perUID[uid, default: UIDCounts()].connections += 1
+        charger?.clientConnected(cgroup: cgroup)
         session.helloTimer = loop.schedule(after: config.helloTimeout) { [unowned self] in
             session.helloTimer = nil
             if session.version == nil { self.disconnect(session, reason: "no hello within hello_timeout") }
@@ -90,7 +91,8 @@ extension Broker {
     /// A bounded batch per wake-up, so one busy client cannot starve the others.
     private func readMessages(_ session: ClientSession) {
         for _ in 0..<16 {
-            guard sessions[session.socket.descriptor.rawValue] === session, !session.closing, !session.readingPaused else { return }
+            guard sessions[session.socket.descriptor.rawValue] === session, !session.closing, !session.readingPaused,
+                  deferredRequests[session.id] == nil else { return }
             guard closerHasRoom(for: session.uid) else {
                 pauseReading(session, retry: true)
                 return
@@ -127,18 +129,34 @@ extension Broker {
             disconnect(session, reason: "no hello")
             return
         }
+        servingRequestID = header.requestID
         do {
             let (response, replyFDs) = try handle(session, request, fds: fds)
             if let response { send(session, response, requestID: header.requestID, fds: replyFDs) }
-        } catch let error as WireError {
-            reply(session, header.requestID, error: error)
-            if error.code == .unsupportedVersion { disconnect(session, reason: "no common protocol version") }
-        } catch let error as DmaBufError {
-            let errno = error.errno ?? .ioError
-            reply(session, header.requestID, error: WireError(errno: errno.rawValue, code: .kernel, message: error.description))
         } catch {
-            reply(session, header.requestID, error: Refusal(.ioError, .internal, "internal error: \(error)"))
+            replyFailure(session, header.requestID, error)
         }
+        // Deferred to a charge helper: stop reading this client until the answer is sent.
+        if deferredRequests[session.id] != nil { loop.modify(session.socket.descriptor, events: wantedEvents(session)) }
+    }
+
+    /// The error reply for a request that threw.
+    func replyFailure(_ session: ClientSession, _ requestID: UInt32, _ error: Error) {
+        switch error {
+        case let error as WireError:
+            reply(session, requestID, error: error)
+            if error.code == .unsupportedVersion { disconnect(session, reason: "no common protocol version") }
+        case let error as DmaBufError:
+            let errno = error.errno ?? .ioError
+            reply(session, requestID, error: WireError(errno: errno.rawValue, code: .kernel, message: error.description))
+        default:
+            reply(session, requestID, error: Refusal(.ioError, .internal, "internal error: \(error)"))
+        }
+    }
+
+    /// EPOLLIN unless reading is paused (backpressure) or a request is deferred; EPOLLOUT while replies queue.
+    func wantedEvents(_ session: ClientSession) -> UInt32 {
+        (session.readingPaused || deferredRequests[session.id] != nil ? 0 : EPOLLIN.rawValue) | (session.outbox.isEmpty ? 0 : EPOLLOUT.rawValue)
     }
 
     private func reply(_ session: ClientSession, _ requestID: UInt32, error: WireError) {
@@ -200,7 +218,7 @@ extension Broker {
                 loop.schedule(after: .zero) { [unowned self] in self.disconnect(session, reason: "client stopped reading its replies") }
             }
         } else {
-            loop.modify(session.socket.descriptor, events: (session.readingPaused ? 0 : EPOLLIN.rawValue) | EPOLLOUT.rawValue)
+            loop.modify(session.socket.descriptor, events: wantedEvents(session) | EPOLLOUT.rawValue)
         }
     }
 
@@ -224,7 +242,7 @@ extension Broker {
             session.outboxFDs -= fds.count
         }
         session.readingPaused = false
-        loop.modify(session.socket.descriptor, events: EPOLLIN.rawValue)
+        loop.modify(session.socket.descriptor, events: wantedEvents(session))
     }
 
     /// Stops reading `session` (keeping EPOLLOUT while its outbox has messages). With `retry`, reading
@@ -236,7 +254,7 @@ extension Broker {
         loop.schedule(after: .milliseconds(10)) { [unowned self] in
             guard self.sessions[session.socket.descriptor.rawValue] === session, session.outbox.isEmpty else { return }
             session.readingPaused = false
-            self.loop.modify(session.socket.descriptor, events: EPOLLIN.rawValue)
+            self.loop.modify(session.socket.descriptor, events: self.wantedEvents(session))
         }
     }
 
@@ -250,6 +268,9 @@ extension Broker {
         sessionsByID[session.id] = nil
         perUID[session.uid, default: UIDCounts()].connections -= 1
         if let timer = session.helloTimer { loop.cancelTimer(timer) }
+        // A deferred request's answer is dropped when it comes (``finishDeferred``): its fds are closed.
+        deferredRequests[session.id] = nil
+        charger?.clientLeft(cgroup: session.cgroup)
         logger.debug("client gone", metadata: ["pid": "\(session.credentials.pid)", "reason": "\(reason)",
                                                "buffers": "\(session.owned.count)", "leases": "\(session.leases.count)"])
         let owned = session.owned, held = session.leases
@@ -321,5 +342,11 @@ extension Broker {
                                     "the connecting process's cgroup '\(Validate.cgroupField(path))' is not accepted: \(reason)",
                                     fix: "connect from a cgroup with a plain path (no '..', control characters, at most \(CgroupPath.maximumLength) bytes, \(CgroupPath.maximumDepth) levels)"))
         }
+    }
+
+    /// The cgroup v2 path of `pid` ("" without one): for the daemon's own process, which needs no pidfd.
+    static func cgroupOf(pid: Int32) -> String {
+        if case .unified(let path)? = try? CgroupMembership.of(pid: pid) { return path.description }
+        return ""
     }
 }

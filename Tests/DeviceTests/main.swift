@@ -16,6 +16,7 @@ if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &fileLimit) == 0 {
 }
 if arguments.first == "--bench" { exit(Bench.main(Array(arguments.dropFirst()))) }
 if arguments.first == "--child", arguments.count > 1, arguments[1].hasPrefix("hostile-") { exit(HostileChildren.run(role: arguments[1], arguments: Array(arguments.dropFirst(2)))) }
+if arguments.first == "--child", arguments.count > 1, arguments[1].hasPrefix("cgroup-") { exit(CgroupChargeChildren.run(role: arguments[1], arguments: Array(arguments.dropFirst(2)))) }
 if arguments.first == "--child", arguments.count > 1, arguments[1].hasPrefix("fault-") { exit(FaultChildren.run(role: arguments[1], arguments: Array(arguments.dropFirst(2)))) }
 if arguments.first == "--child" {
     let role = arguments.dropFirst().first ?? ""
@@ -24,5 +25,5 @@ if arguments.first == "--child" {
 }
 let suite = HeapTests.all + UDmabufTests.all + DmaBufferTests.all + FenceTests.all + PageRunTests.all
     + DaemonTests.all + LeaseTests.all + CLITests.all + CMATests.all + FaultTests.all + LoadTests.all + HostileTests.all
-    + CLibTests.all + CgroupTests.all
+    + CLibTests.all + CgroupTests.all + CgroupChargeTests.all
 exit(Harness.main(tests: suite, filter: arguments))

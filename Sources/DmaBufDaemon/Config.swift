@@ -61,6 +61,9 @@ public struct DaemonConfig: Sendable, Equatable {
     /// `fd_store_max`: buffers kept in systemd's fd store; must not exceed the unit's
     /// `FileDescriptorStoreMax=`. Allocations beyond it are refused (EMFILE) rather than silently not stored.
     public var fdStoreMax: UInt32 = 16384
+    /// `pool = <heap> <size> <count>` (repeatable) and `pool_max_bytes`: warm pools (`Pools.swift`).
+    public var pools: [PoolSpec] = []
+    public var poolMaxBytes: UInt64 = 256 << 20
 
     public struct Quota: Sendable, Equatable {
         public var bytes: UInt64
@@ -162,6 +165,11 @@ public struct DaemonConfig: Sendable, Equatable {
             fdStore = b
         case "state_directory" where parts.count == 1:
             stateDirectory = value
+        case "pool" where parts.count == 1:
+            guard let spec = PoolSpec.parse(value) else { throw ConfigValueError(text: "'\(value)' is not '<heap> <size> <count>' (like 'system 16M 4')") }
+            pools.append(spec)
+        case "pool_max_bytes" where parts.count == 1:
+            poolMaxBytes = try size()
         case "log_level" where parts.count == 1:
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
             guard levels.contains(value) else { throw ConfigValueError(text: "'\(value)' is not one of \(levels.joined(separator: ", "))") }

@@ -194,4 +194,6 @@ final class Mutex: @unchecked Sendable {
         defer { pthread_mutex_unlock(&mutex) }
         return try body()
     }
+    /// Waits on `condition`; call only inside ``withLock(_:)``.
+    func wait(_ condition: inout pthread_cond_t) { pthread_cond_wait(&condition, &mutex) }
 }

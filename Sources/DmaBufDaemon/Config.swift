@@ -165,11 +165,6 @@ public struct DaemonConfig: Sendable, Equatable {
             fdStore = b
         case "state_directory" where parts.count == 1:
             stateDirectory = value
-        case "pool" where parts.count == 1:
-            guard let spec = PoolSpec.parse(value) else { throw ConfigValueError(text: "'\(value)' is not '<heap> <size> <count>' (like 'system 16M 4')") }
-            pools.append(spec)
-        case "pool_max_bytes" where parts.count == 1:
-            poolMaxBytes = try size()
         case "log_level" where parts.count == 1:
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
             guard levels.contains(value) else { throw ConfigValueError(text: "'\(value)' is not one of \(levels.joined(separator: ", "))") }
@@ -179,7 +174,7 @@ public struct DaemonConfig: Sendable, Equatable {
         }
     }
 
-    /// The bounds on what clients can make the daemon hold.
+    /// The bounds on what clients can make the daemon hold, and the warm pools (which the daemon holds).
     private mutating func applyBound(key: String, value: String, size: () throws -> UInt64, count: () throws -> UInt32) throws {
         switch key {
         case "hello_timeout":
@@ -189,6 +184,11 @@ public struct DaemonConfig: Sendable, Equatable {
             let bytes = try size()
             guard bytes > 0, bytes <= UInt64(UInt32.max) else { throw ConfigValueError(text: "'\(value)' must be between 1 and 4G") }
             maxOutboxBytes = UInt32(bytes)
+        case "pool":
+            guard let spec = PoolSpec.parse(value) else { throw ConfigValueError(text: "'\(value)' is not '<heap> <size> <count>' (like 'system 16M 4')") }
+            pools.append(spec)
+        case "pool_max_bytes":
+            poolMaxBytes = try size()
         case let name where Self.boundKeys[name] != nil:
             let n = try count()
             guard n > 0 else { throw ConfigValueError(text: "'\(value)' must be positive") }

@@ -151,22 +151,11 @@ public final class EventLoop: @unchecked Sendable {
     /// Runs the loop on a new thread and returns once it exits (after ``stop()``).
     public func runOnThread() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let box = ThreadBody { [self] in
+            if !detachThread({ [self] in
                 self.run()
                 continuation.resume()
-            }
-            var thread = pthread_t()
-            let context = Unmanaged.passRetained(box).toOpaque()
-            let rc = pthread_create(&thread, nil, { raw in
-                let body = Unmanaged<ThreadBody>.fromOpaque(raw!).takeRetainedValue()
-                body.run()
-                return nil
-            }, context)
-            if rc != 0 {
-                Unmanaged<ThreadBody>.fromOpaque(context).release()
+            }) {
                 continuation.resume()
-            } else {
-                pthread_detach(thread)
             }
         }
     }
@@ -177,11 +166,6 @@ private struct TimerEntry: Comparable {
     let deadline: ContinuousClock.Instant
     let id: UInt64
     static func < (a: TimerEntry, b: TimerEntry) -> Bool { a.deadline == b.deadline ? a.id < b.id : a.deadline < b.deadline }
-}
-
-private final class ThreadBody: @unchecked Sendable {
-    let run: () -> Void
-    init(_ run: @escaping () -> Void) { self.run = run }
 }
 
 /// A pthread mutex: the loop's only lock, guarding the cross-thread queue.

@@ -166,14 +166,7 @@ private final class PoolWorker: @unchecked Sendable {
     }
 
     private func start() {
-        let context = Unmanaged.passRetained(self).toOpaque()
-        var thread = pthread_t()
-        let rc = pthread_create(&thread, nil, { raw in
-            let worker = Unmanaged<PoolWorker>.fromOpaque(raw!).takeRetainedValue()
-            worker.run()
-            return nil
-        }, context)
-        if rc == 0 { pthread_detach(thread) } else { Unmanaged<PoolWorker>.fromOpaque(context).release() }
+        if !detachThread({ [self] in run() }) { started = false }
     }
 
     private func run() {

@@ -80,6 +80,7 @@ enum Bench {
             quota.default.bytes = 4G
             quota.default.buffers = 20000
             max_buffers_per_client = 20000
+            max_connections_per_uid = 256
             """
         let daemon = try BenchDaemon(config: config)
         defer { daemon.stop() }
@@ -115,19 +116,13 @@ enum Bench {
     static func p1(_ floor: Floor, _ connection: DmaBufConnection, _ report: Report, rounds: Int) throws {
         for (size, n) in [(4096, 101), (1 << 20, 31), (16 << 20, 9)] {
             var raw: [Double] = [], rawAlloc: [Double] = [], rawRT: [Double] = [], daemon: [Double] = [], empty: [Double] = []
-            var books: [Double] = []
+            var books: [Double] = [], cbroker: [Double] = []
             for round in 0...rounds {
                 let alloc = try floor.ask("alloc \(size) \(n)")
                 let rt = try floor.ask("rt \(n)")
-                var samples: [Double] = []
-                for _ in 0..<n {
-                    let t0 = nowNS()
-                    let buffer = try connection.allocate(size: size, heap: "system", tag: "p1")
-                    samples.append(Double(nowNS() - t0))
-                    let id = buffer.info.id
-                    _ = consume buffer
-                    try connection.release(id)
-                }
+                // The broker floor: a minimal C broker doing the same syscalls (Benchmarks/floor.c).
+                let cb = size == 4096 ? try floor.ask("cbroker \(n)") : 0
+                let samples = try timedAllocations(connection, size: size, tag: "p1", n)
                 var emptySamples: [Double] = []
                 for _ in 0..<n {
                     let t0 = nowNS()
@@ -140,13 +135,31 @@ enum Bench {
                 daemon.append(median(samples))
                 empty.append(median(emptySamples))
                 books.append(bookkeeping)
+                cbroker.append(cb / (alloc + rt))
             }
             let goal = size == 4096 ? 2.0 : size == 16 << 20 ? 1.05 : nil
-            let extra = size == 4096 ? "; the daemon's kernel calls per allocation besides the ioctl and messages (name, fstat, and the release's fdinfo read), timed here: \(us(median(books)))" : ""
+            let floorText = size == 4096 ? "; C broker floor \(fmt(median(cbroker), 2))× [\(fmt(cbroker.min() ?? .nan, 2))–\(fmt(cbroker.max() ?? .nan, 2))]" : ""
+            let extra = floorText + (size != 4096 ? "" : "; the daemon's kernel calls per allocation besides the ioctl and messages (name, fstat, and the release's fdinfo read), timed here: \(us(median(books)))")
             report.add("P1", "alloc \(ByteCount(size)) via dmabufd / (raw alloc + fd round trip)", ratios: zip(daemon, raw).map { $0 / $1 },
                        goal: goal.map { .atMost($0) },
                        detail: "daemon \(us(median(daemon))); raw alloc \(us(median(rawAlloc))) + RT \(us(median(rawRT))); empty request \(us(median(empty)))\(extra)")
         }
+    }
+
+    /// `n` allocations from the system heap, each timed to its reply (ns), closed and released before the
+    /// next, with `pause` µs after each.
+    static func timedAllocations(_ connection: DmaBufConnection, size: Int, tag: String, _ n: Int, pause: useconds_t = 0) throws -> [Double] {
+        var samples: [Double] = []
+        for _ in 0..<n {
+            let t0 = nowNS()
+            let buffer = try connection.allocate(size: size, heap: "system", tag: tag)
+            samples.append(Double(nowNS() - t0))
+            let id = buffer.info.id
+            _ = consume buffer
+            try connection.release(id)
+            if pause > 0 { usleep(pause) }
+        }
+        return samples
     }
 
     // MARK: - C1: a 16 MiB CMA allocation through dmabufd against raw, in the same boot
@@ -243,9 +256,10 @@ enum Bench {
     static func p2(_ floor: Floor, _ daemon: BenchDaemon, _ report: Report, rounds: Int, seconds: Int, batch: Int) throws {
         let clients = 64
         let connections = try (0..<clients).map { i in Handoff(try DmaBufConnection(path: daemon.socketPath, clientName: "p2-\(i)")) }
-        var ratios: [Double] = [], daemonRates: [Double] = [], rawRates: [Double] = [], fairness: [Double] = []
+        var ratios: [Double] = [], daemonRates: [Double] = [], rawRates: [Double] = [], fairness: [Double] = [], cbroker: [Double] = []
         for round in 0...rounds {
             let raw = try floor.ask("allocfree 4096 \(seconds * 1000)")
+            if batch == 0 { cbroker.append(try floor.ask("cbrokerp2 \(clients) \(seconds * 1000)") / raw) }
             let start = Locked(false)
             let deadlineBox = Locked(ContinuousClock.now)
             let threads = connections.map { client in
@@ -287,7 +301,7 @@ enum Bench {
             : "64 clients allocate_batch(\(batch)) + release_quiet via dmabufd / one process's raw alloc/free (buffers/s)"
         report.add(batch == 0 ? "P2" : "P2b", what, ratios: ratios, goal: batch == 0 ? .atLeast(0.25) : nil,
                    detail: "daemon \(fmt(median(daemonRates), 0)) ops/s; raw \(fmt(median(rawRates), 0)) ops/s; least client/mean \(fmt(fair, 2))"
-                       + (batch == 0 ? " (≥0.50 \(fair >= 0.5 ? "met" : "MISSED"))" : ""))
+                       + (batch == 0 ? " (≥0.50 \(fair >= 0.5 ? "met" : "MISSED")); C broker floor (64 client threads, alloc + release) \(fmt(median(Array(cbroker.dropFirst())), 2))×" : ""))
     }
 
     // MARK: - P1b: a pooled 16 MiB allocation
@@ -305,16 +319,7 @@ enum Bench {
         for round in 0...rounds {
             let alloc = try floor.ask("alloc \(size) \(n)")
             let rt = try floor.ask("rt \(n)")
-            var samples: [Double] = []
-            for _ in 0..<n {
-                let t0 = nowNS()
-                let buffer = try connection.allocate(size: size, heap: "system", tag: "p1b")
-                samples.append(Double(nowNS() - t0))
-                let id = buffer.info.id
-                _ = consume buffer
-                try connection.release(id)
-                usleep(150_000)
-            }
+            let samples = try timedAllocations(connection, size: size, tag: "p1b", n, pause: 150_000)
             guard round > 0 else { continue }
             rawAlloc.append(alloc); rawRT.append(rt); raw.append(alloc + rt)
             pooled.append(median(samples))
@@ -391,9 +396,10 @@ enum Bench {
         let n = 8
         let buffer = try connection.allocate(size: 4096, heap: "system", tag: "p4")
         let shared = Handoff(connection)
-        var ratios: [Double] = [], raws: [Double] = [], daemons: [Double] = []
+        var ratios: [Double] = [], raws: [Double] = [], daemons: [Double] = [], cbFence: [Double] = []
         for round in 0...rounds {
             let raw = try floor.ask("fence \(n)")
+            cbFence.append(try floor.ask("cbrokerfence \(n)") / raw)
             var samples: [Double] = []
             for _ in 0..<n {
                 let lease = try connection.layout(buffer.info.id).lease
@@ -422,7 +428,7 @@ enum Bench {
         _ = consume buffer
         try connection.release(id)
         report.add("P4", "fence signal → holder gets leaseEnded via dmabufd / raw poll() wake", ratios: ratios, goal: .atMost(3),
-                   detail: "daemon \(us(median(daemons))); raw \(us(median(raws))) (medians of \(n) per round)")
+                   detail: "daemon \(us(median(daemons))); raw \(us(median(raws))) (medians of \(n) per round); C broker floor (epoll on the sync_file, one message to a blocked holder) \(fmt(median(Array(cbFence.dropFirst())), 2))×")
     }
 
     // MARK: - P5: daemon memory

@@ -52,6 +52,12 @@ final class Pools: @unchecked Sendable {  // loop-confined; the worker reaches i
     private(set) var bytes: UInt64 = 0
     private(set) var served = 0
     private var suspended = false
+    private var lastServed = ContinuousClock.now
+    private var quietTimer: UInt64?
+    /// How long no pooled buffer must have been handed out before refills start. A refill is the kernel
+    /// zeroing pages, which the kernel may not preempt; started in the middle of a burst it would delay
+    /// the burst's next requests (on one CPU, the reply to the very request that emptied the slot).
+    static let quiet: Duration = .milliseconds(20)
     private let worker: PoolWorker?
     private let loop: EventLoop
     private let logger: Logger
@@ -89,8 +95,19 @@ final class Pools: @unchecked Sendable {  // loop-confined; the worker reaches i
         bytes -= spec.size
         served += 1
         logger.debug("served from a warm pool", metadata: ["heap": "\(heap)", "size": "\(spec.size)"])
-        refill()
+        lastServed = .now
+        refillWhenQuiet()
         return fd
+    }
+
+    /// Refills once nothing was taken for ``quiet``.
+    private func refillWhenQuiet() {
+        guard quietTimer == nil else { return }
+        quietTimer = loop.schedule(after: Self.quiet) { [weak self] in
+            guard let self else { return }
+            self.quietTimer = nil
+            if ContinuousClock.now - self.lastServed < Self.quiet { self.refillWhenQuiet() } else { self.refill() }
+        }
     }
 
     /// Buffers ready in each pool, for listings and tests.
@@ -128,6 +145,8 @@ final class Pools: @unchecked Sendable {  // loop-confined; the worker reaches i
 
     /// Closes every pooled buffer and stops the worker.
     func stop() {
+        if let quietTimer { loop.cancelTimer(quietTimer) }
+        quietTimer = nil
         specs = []
         ready = [:]
         bytes = 0

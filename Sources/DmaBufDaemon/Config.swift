@@ -1,4 +1,5 @@
 import DmaBuf
+import DmaBufTypes
 
 /// dmabufd's configuration: `key = value` lines, `#` comments. Every key, its default and its meaning are
 /// listed in `docs/DESIGN.md` and in `systemd/dmabufd.conf`. Unknown keys and bad values are errors that
@@ -218,18 +219,8 @@ public struct DaemonConfig: Sendable, Equatable {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`, or a bare number of seconds.
-public func parseDuration(_ text: String) -> Duration? {
-    let t = text.trimmingSpaces().lowercased()
-    let digits = t.prefix(while: { $0.isNumber || $0 == "." })
-    guard let n = Double(digits), n >= 0 else { return nil }
-    switch t.dropFirst(digits.count) {
-    case "", "s": return .milliseconds(Int64(n * 1000))
-    case "ms": return .milliseconds(Int64(n))
-    case "m": return .milliseconds(Int64(n * 60_000))
-    default: return nil
-    }
-}
+/// The one duration grammar (``DurationText/parse(_:)``): `500ms`, `5s`, `2m`, `1h`, or bare seconds.
+public func parseDuration(_ text: String) -> Duration? { DurationText.parse(text) }
 
 func parseBool(_ text: String) -> Bool? {
     switch text.lowercased() {
@@ -240,10 +231,6 @@ func parseBool(_ text: String) -> Bool? {
 }
 
 extension StringProtocol {
-    func trimmingSpaces() -> String {
-        var s = Substring(self)
-        while let f = s.first, f == " " || f == "\t" || f == "\r" { s = s.dropFirst() }
-        while let l = s.last, l == " " || l == "\t" || l == "\r" { s = s.dropLast() }
-        return String(s)
-    }
+    /// The one trimming helper (``trimmingWhitespace()``), under the name the config parser uses.
+    func trimmingSpaces() -> String { trimmingWhitespace() }
 }

@@ -84,7 +84,7 @@ extension Broker {
             try kernel.importFence(fd, into: record.fd, write: f.access.writes)
         }
         let key = nextFenceKey
-        guard let interval = record.fences.insert(range, access: f.access.writes ? .write : .read, value: key) else {
+        guard let interval = record.fences.insert(range, access: f.access, value: key) else {
             throw Refusal(.invalidArgument, .invalidArgument, "empty page range")
         }
         do {
@@ -111,7 +111,7 @@ extension Broker {
         let record = try visible(a.buffer, to: session)
         try notRevoked(record)
         let range = try Validate.pages(a.firstPage, a.pageCount, of: record.pages, buffer: record.id)
-        let conflicts = record.fences.conflicts(with: range, access: a.access.writes ? .write : .read)
+        let conflicts = record.fences.conflicts(with: range, access: a.access)
         let files = conflicts.compactMap { fences[$0.value]?.syncFile }
         guard let merged = try kernel.mergeFences(files) else {
             return (.access(AccessReply(fences: 0)), [])

@@ -66,7 +66,8 @@ public final class Broker: @unchecked Sendable {
         let scan = self.kernel.rescan()
         self.resolver = HeapResolver(policies: config.policies, heapDirectory: config.heapDirectory, udmabufDevice: config.udmabufDevice,
                                      heaps: scan.heaps, udmabuf: scan.udmabuf)
-        pools = Pools(loop: loop, logger: logger, allocator: config.pools.isEmpty ? nil : self.kernel.heapAllocator())
+        // The allocator opens nothing until a refill needs it, so pools added by a reload work too.
+        pools = Pools(loop: loop, logger: logger, allocator: self.kernel.heapAllocator())
         pools.configure(config.pools, maxBytes: config.poolMaxBytes, charged: self.kernel.memAccounting())
     }
 

@@ -71,6 +71,17 @@ struct PoolTests {
         }
     }
 
+    /// A daemon started without pools gets them from a reload (SIGHUP).
+    @Test func poolsAddedByReloadFill() throws {
+        try BrokerHarness.scenario { h in
+            var config = h.broker.config
+            config.pools = [PoolSpec(heap: "system", size: Self.mib, count: 2)]
+            h.broker.reload(config)
+            #expect(Self.waitFull(h, 2))
+            h.broker.pools.stop()
+        }
+    }
+
     /// With heap memory charged to cgroups, a pooled buffer would stay charged to dmabufd: pools stop serving.
     @Test func offWhenTheKernelChargesHeapMemory() throws {
         try BrokerHarness.scenario({ $0.pools = [PoolSpec(heap: "system", size: Self.mib, count: 2)] }) { h in

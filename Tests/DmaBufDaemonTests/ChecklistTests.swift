@@ -5,8 +5,7 @@ import Testing
 @testable import DmaBufDaemon
 
 /// The refusals of docs/PROTOCOL.md that the other suites do not reach, each through the broker. The
-/// checklist of every request and refusal, and the test that covers each, is in docs/PERF.md's companion
-/// list at the end of this file.
+/// checklist of every request and refusal, with the test that covers each, is at the end of this file.
 @Suite("Broker protocol checklist", .serialized)
 struct ChecklistTests {
     @Test func unknownHeapOrPolicyIsNoHeap() throws {

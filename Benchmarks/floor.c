@@ -17,6 +17,18 @@
 //   allocfree SIZE MS     alloc+close pairs per second, one process, for MS milliseconds
 //   fence N               median ns from VGEM_FENCE_SIGNAL to a poll()ing thread waking
 //
+// The broker floor: a minimal C broker (a forked child, one epoll loop, no bookkeeping) doing the same
+// syscalls per request as dmabufd, to show what any broker of this shape costs in the same boot:
+//   cbroker N             median ns of one allocate round trip: the client sends a 32-byte request, the
+//                         broker epoll_waits, recvmsgs, DMA_HEAP_IOCTL_ALLOCs 4 KiB, DMA_BUF_SET_NAMEs,
+//                         fstats and sendmsgs a 64-byte reply with the fd (keeping its own); the client
+//                         then closes its fd and sends a release (no reply: the broker reads the
+//                         buffer's fdinfo and closes it)
+//   cbrokerp2 CLIENTS MS  alloc+release pairs per second through that broker, CLIENTS threads with one
+//                         connection each, for MS milliseconds
+//   cbrokerfence N        median ns from VGEM_FENCE_SIGNAL to a client thread receiving a message that a
+//                         broker thread sent when epoll said the fence's sync_file was readable
+//
 // Build: cc -O2 -Wall -o floor floor.c $(pkg-config --cflags --libs libdrm) -lpthread
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -104,6 +116,20 @@ static double bench_allocfree(uint64_t size, int ms) {
 // MARK: - SCM_RIGHTS round trip
 
 static int rt_socket = -1;
+
+// Sends `len` bytes with `fd` attached (SCM_RIGHTS); sendmsg's result.
+static ssize_t send_fd(int sock, const void *data, size_t len, int fd, int flags) {
+    char control[CMSG_SPACE(sizeof(int))];
+    memset(control, 0, sizeof control);
+    struct iovec iov = { (void *)data, len };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control };
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    return sendmsg(sock, &msg, flags);
+}
 static pid_t rt_child = -1;
 
 static void rt_start(void) {
@@ -138,17 +164,8 @@ static double bench_rt(int n) {
     uint64_t samples[n];
     for (int i = 0; i < n; i++) {
         char byte = 'b', ack;
-        char control[CMSG_SPACE(sizeof(int))];
-        memset(control, 0, sizeof control);
-        struct iovec iov = { &byte, 1 };
-        struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control };
-        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &fd, sizeof fd);
         uint64_t t0 = now_ns();
-        if (sendmsg(rt_socket, &msg, MSG_NOSIGNAL) != 1) die("sendmsg");
+        if (send_fd(rt_socket, &byte, 1, fd, MSG_NOSIGNAL) != 1) die("sendmsg");
         if (recv(rt_socket, &ack, 1, 0) != 1) die("recv ack");
         samples[i] = now_ns() - t0;
     }
@@ -231,6 +248,33 @@ static int open_vgem(void) {
     return -1;
 }
 
+// A 64x64 vgem buffer, exported as a dma-buf (returned; its GEM handle in *handle).
+static int vgem_buffer(uint32_t *handle) {
+    if (vgem_fd < 0) vgem_fd = open_vgem();
+    struct drm_mode_create_dumb dumb = { .width = 64, .height = 64, .bpp = 32 };
+    if (drmIoctl(vgem_fd, DRM_IOCTL_MODE_CREATE_DUMB, &dumb) != 0) die("DRM_IOCTL_MODE_CREATE_DUMB");
+    int buffer;
+    if (drmPrimeHandleToFD(vgem_fd, dumb.handle, DRM_CLOEXEC | DRM_RDWR, &buffer) != 0) die("PRIME export");
+    *handle = dumb.handle;
+    return buffer;
+}
+
+// Attaches an unsignalled write fence to the buffer; returns its sync_file (the fence id in *fence).
+static int vgem_fence(uint32_t handle, int buffer, uint32_t *fence) {
+    struct vgem_fence_attach attach = { .handle = handle, .flags = VGEM_FENCE_WRITE };
+    if (drmIoctl(vgem_fd, IOCTL_VGEM_FENCE_ATTACH, &attach) != 0) die("VGEM_FENCE_ATTACH");
+    struct dma_buf_export_sync_file export = { .flags = DMA_BUF_SYNC_WRITE, .fd = -1 };
+    if (ioctl(buffer, DMA_BUF_IOCTL_EXPORT_SYNC_FILE, &export) != 0) die("EXPORT_SYNC_FILE");
+    *fence = attach.out_fence;
+    return export.fd;
+}
+
+static void vgem_close(uint32_t handle, int buffer) {
+    close(buffer);
+    struct drm_gem_close gem_close = { .handle = handle };
+    drmIoctl(vgem_fd, DRM_IOCTL_GEM_CLOSE, &gem_close);
+}
+
 struct waiter { int fd; uint64_t woke; };
 
 static void *wait_fence(void *arg) {
@@ -242,22 +286,17 @@ static void *wait_fence(void *arg) {
 }
 
 static double bench_fence(int n) {
-    if (vgem_fd < 0) vgem_fd = open_vgem();
-    struct drm_mode_create_dumb dumb = { .width = 64, .height = 64, .bpp = 32 };
-    if (drmIoctl(vgem_fd, DRM_IOCTL_MODE_CREATE_DUMB, &dumb) != 0) die("DRM_IOCTL_MODE_CREATE_DUMB");
-    int buffer;
-    if (drmPrimeHandleToFD(vgem_fd, dumb.handle, DRM_CLOEXEC | DRM_RDWR, &buffer) != 0) die("PRIME export");
+    uint32_t handle;
+    int buffer = vgem_buffer(&handle);
     uint64_t *samples = calloc((size_t)n, sizeof *samples);
     for (int i = 0; i < n; i++) {
-        struct vgem_fence_attach attach = { .handle = dumb.handle, .flags = VGEM_FENCE_WRITE };
-        if (drmIoctl(vgem_fd, IOCTL_VGEM_FENCE_ATTACH, &attach) != 0) die("VGEM_FENCE_ATTACH");
-        struct dma_buf_export_sync_file export = { .flags = DMA_BUF_SYNC_WRITE, .fd = -1 };
-        if (ioctl(buffer, DMA_BUF_IOCTL_EXPORT_SYNC_FILE, &export) != 0) die("EXPORT_SYNC_FILE");
+        uint32_t out_fence;
+        struct dma_buf_export_sync_file export = { .fd = vgem_fence(handle, buffer, &out_fence) };
         struct waiter w = { .fd = export.fd };
         pthread_t thread;
         if (pthread_create(&thread, NULL, wait_fence, &w) != 0) die("pthread_create");
         usleep(20000);  // let the waiter block in poll()
-        struct vgem_fence_signal signal = { .fence = attach.out_fence };
+        struct vgem_fence_signal signal = { .fence = out_fence };
         uint64_t t0 = now_ns();
         if (drmIoctl(vgem_fd, IOCTL_VGEM_FENCE_SIGNAL, &signal) != 0) die("VGEM_FENCE_SIGNAL");
         pthread_join(thread, NULL);
@@ -266,9 +305,209 @@ static double bench_fence(int n) {
     }
     double median = median_ns(samples, n);
     free(samples);
-    close(buffer);
-    struct drm_gem_close gem_close = { .handle = dumb.handle };
-    drmIoctl(vgem_fd, DRM_IOCTL_GEM_CLOSE, &gem_close);
+    vgem_close(handle, buffer);
+    return median;
+}
+
+// MARK: - the broker floor
+
+#include <sys/epoll.h>
+#include <sys/stat.h>
+
+#define CB_MAX_CLIENTS 128
+
+static int cb_fdinfo_dir = -1;
+
+static void cb_reply_fd(int sock, int fd) {
+    char reply[64] = { 'B' };
+    memcpy(reply + 8, &fd, sizeof fd);
+    if (send_fd(sock, reply, sizeof reply, fd, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) _exit(0);
+}
+
+// One request: 'A' allocates and replies with the fd; 'R' + fd number releases (fdinfo read, close).
+static void cb_serve_one(int sock) {
+    char request[64];
+    ssize_t got = recv(sock, request, sizeof request, MSG_DONTWAIT);
+    if (got == 0) _exit(0);
+    if (got < 1) return;
+    if (request[0] == 'A') {
+        int fd = heap_alloc(4096);
+        char name[] = "0:1:floor";
+        ioctl(fd, DMA_BUF_SET_NAME, name);
+        struct stat st;
+        fstat(fd, &st);
+        cb_reply_fd(sock, fd);
+    } else if (request[0] == 'R') {
+        int fd;
+        memcpy(&fd, request + 8, sizeof fd);
+        char path[16], text[4096];
+        snprintf(path, sizeof path, "%d", fd);
+        int info = openat(cb_fdinfo_dir, path, O_RDONLY | O_CLOEXEC);
+        if (info >= 0) {
+            if (read(info, text, sizeof text) < 0) {}
+            close(info);
+        }
+        close(fd);
+    }
+}
+
+static pid_t cb_start(int *clients, int n) {
+    int server[CB_MAX_CLIENTS];
+    for (int i = 0; i < n; i++) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) die("socketpair");
+        clients[i] = sv[0];
+        server[i] = sv[1];
+    }
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        for (int i = 0; i < n; i++) close(clients[i]);
+        cb_fdinfo_dir = open("/proc/self/fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        int ep = epoll_create1(EPOLL_CLOEXEC);
+        for (int i = 0; i < n; i++) {
+            struct epoll_event e = { .events = EPOLLIN, .data.fd = server[i] };
+            epoll_ctl(ep, EPOLL_CTL_ADD, server[i], &e);
+        }
+        struct epoll_event events[64];
+        for (;;) {
+            int ready = epoll_wait(ep, events, 64, -1);
+            for (int i = 0; i < ready; i++) cb_serve_one(events[i].data.fd);
+        }
+    }
+    for (int i = 0; i < n; i++) close(server[i]);
+    return child;
+}
+
+static void cb_stop(int *clients, int n, pid_t child) {
+    for (int i = 0; i < n; i++) close(clients[i]);
+    waitpid(child, NULL, 0);
+}
+
+// One alloc round trip; returns the fd received (the broker's number for it in *remote).
+static int cb_alloc(int sock, int *remote) {
+    char request[32] = { 'A' }, reply[64];
+    if (send(sock, request, sizeof request, MSG_NOSIGNAL) != sizeof request) die("cbroker send");
+    char control[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = { reply, sizeof reply };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control };
+    if (recvmsg(sock, &msg, MSG_CMSG_CLOEXEC) <= 0) die("cbroker recvmsg");
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    int fd = -1;
+    if (c && c->cmsg_type == SCM_RIGHTS) memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    memcpy(remote, reply + 8, sizeof *remote);
+    return fd;
+}
+
+static void cb_release(int sock, int fd, int remote) {
+    close(fd);
+    char request[32] = { 'R' };
+    memcpy(request + 8, &remote, sizeof remote);
+    if (send(sock, request, sizeof request, MSG_NOSIGNAL) != sizeof request) die("cbroker send release");
+}
+
+static double bench_cbroker(int n) {
+    int sock;
+    pid_t child = cb_start(&sock, 1);
+    uint64_t samples[n];
+    for (int i = 0; i < n; i++) {
+        int remote;
+        uint64_t t0 = now_ns();
+        int fd = cb_alloc(sock, &remote);
+        samples[i] = now_ns() - t0;
+        cb_release(sock, fd, remote);
+    }
+    cb_stop(&sock, 1, child);
+    return median_ns(samples, n);
+}
+
+struct cb_client { int sock; uint64_t end; uint64_t ops; };
+
+static void *cb_client_loop(void *arg) {
+    struct cb_client *c = arg;
+    while (now_ns() < c->end) {
+        int remote;
+        int fd = cb_alloc(c->sock, &remote);
+        cb_release(c->sock, fd, remote);
+        c->ops++;
+    }
+    return NULL;
+}
+
+static double bench_cbroker_p2(int clients, int ms) {
+    if (clients < 1 || clients > CB_MAX_CLIENTS) { errno = EINVAL; die("cbrokerp2 clients"); }
+    int socks[CB_MAX_CLIENTS];
+    pid_t child = cb_start(socks, clients);
+    struct cb_client state[CB_MAX_CLIENTS];
+    pthread_t threads[CB_MAX_CLIENTS];
+    uint64_t start = now_ns();
+    for (int i = 0; i < clients; i++) {
+        state[i] = (struct cb_client){ .sock = socks[i], .end = start + (uint64_t)ms * 1000000u };
+        if (pthread_create(&threads[i], NULL, cb_client_loop, &state[i]) != 0) die("pthread_create");
+    }
+    uint64_t ops = 0;
+    for (int i = 0; i < clients; i++) {
+        pthread_join(threads[i], NULL);
+        ops += state[i].ops;
+    }
+    double rate = (double)ops * 1e9 / (double)(now_ns() - start);
+    cb_stop(socks, clients, child);
+    return rate;
+}
+
+struct cb_fence { int sync_file; int sock; };
+
+static void *cb_fence_broker(void *arg) {
+    struct cb_fence *f = arg;
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event e = { .events = EPOLLIN, .data.fd = f->sync_file };
+    epoll_ctl(ep, EPOLL_CTL_ADD, f->sync_file, &e);
+    while (epoll_wait(ep, &e, 1, 10000) < 0 && errno == EINTR) {}
+    epoll_ctl(ep, EPOLL_CTL_DEL, f->sync_file, NULL);
+    char event[24] = { 'E' };
+    if (send(f->sock, event, sizeof event, MSG_NOSIGNAL) < 0) {}
+    close(ep);
+    return NULL;
+}
+
+struct cb_holder { int sock; uint64_t woke; };
+
+static void *cb_fence_holder(void *arg) {
+    struct cb_holder *h = arg;
+    char event[64];
+    if (recv(h->sock, event, sizeof event, 0) <= 0) die("cbrokerfence recv");
+    h->woke = now_ns();
+    return NULL;
+}
+
+static double bench_cbroker_fence(int n) {
+    uint32_t handle;
+    int buffer = vgem_buffer(&handle);
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) die("socketpair");
+    uint64_t *samples = calloc((size_t)n, sizeof *samples);
+    for (int i = 0; i < n; i++) {
+        uint32_t out_fence;
+        struct dma_buf_export_sync_file export = { .fd = vgem_fence(handle, buffer, &out_fence) };
+        struct cb_fence f = { .sync_file = export.fd, .sock = sv[0] };
+        struct cb_holder h = { .sock = sv[1] };
+        pthread_t broker, holder;
+        if (pthread_create(&holder, NULL, cb_fence_holder, &h) != 0) die("pthread_create");
+        if (pthread_create(&broker, NULL, cb_fence_broker, &f) != 0) die("pthread_create");
+        usleep(20000);  // both blocked: the broker in epoll_wait, the holder in recv
+        struct vgem_fence_signal signal = { .fence = out_fence };
+        uint64_t t0 = now_ns();
+        if (drmIoctl(vgem_fd, IOCTL_VGEM_FENCE_SIGNAL, &signal) != 0) die("VGEM_FENCE_SIGNAL");
+        pthread_join(holder, NULL);
+        pthread_join(broker, NULL);
+        samples[i] = h.woke - t0;
+        close(export.fd);
+    }
+    double median = median_ns(samples, n);
+    free(samples);
+    close(sv[0]);
+    close(sv[1]);
+    vgem_close(handle, buffer);
     return median;
 }
 
@@ -295,6 +534,9 @@ static int serve(void) {
         else if (fields >= 3 && strcmp(command, "pagemap") == 0) result = bench_pagemap(a, (int)b);
         else if (fields >= 3 && strcmp(command, "allocfree") == 0) result = bench_allocfree(a, (int)b);
         else if (fields >= 2 && strcmp(command, "fence") == 0) result = bench_fence((int)a);
+        else if (fields >= 2 && strcmp(command, "cbroker") == 0) result = bench_cbroker((int)a);
+        else if (fields >= 3 && strcmp(command, "cbrokerp2") == 0) result = bench_cbroker_p2((int)a, (int)b);
+        else if (fields >= 2 && strcmp(command, "cbrokerfence") == 0) result = bench_cbroker_fence((int)a);
         else if (fields >= 1 && strcmp(command, "quit") == 0) break;
         else { fprintf(stderr, "floor: unknown command: %s", line); result = -1; }
         printf("%.0f\n", result);
@@ -313,6 +555,9 @@ static int all(void) {
     printf("  pagemap 1 MiB      %12.0f\n", bench_pagemap(1 << 20, 50));
     printf("  alloc/free 4 KiB   %12.0f ops/s\n", bench_allocfree(4096, 1000));
     printf("  fence wake         %12.0f (median)\n", bench_fence(20));
+    printf("  C broker alloc RT  %12.0f\n", bench_cbroker(200));
+    printf("  C broker 64 clients %11.0f ops/s\n", bench_cbroker_p2(64, 1000));
+    printf("  C broker fence     %12.0f (median)\n", bench_cbroker_fence(20));
     return 0;
 }
 

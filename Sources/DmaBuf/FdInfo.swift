@@ -1,5 +1,9 @@
 import SystemPackage
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// What `/proc/<pid>/fdinfo/<fd>` says about a descriptor. dma-bufs add `size`, `count`, `exp_name`, `name`.
 ///
 /// Only part of this text is the kernel's own. `DMA_BUF_SET_NAME` lets anyone holding the buffer set its
@@ -37,18 +41,33 @@ public struct FdInfo: Sendable, Hashable {
 
     public init() {}
 
-    /// The keys the kernel prints before a dma-buf's name, each exactly once.
-    private static let kernelKeys: Set<String> = ["pos", "flags", "mnt_id", "ino", "size", "count", "exp_name"]
+    /// The keys the kernel prints before a dma-buf's name, each exactly once, as bits of a `seen` mask.
+    private static func keyBit(_ key: String) -> UInt8? {
+        switch key {
+        case "pos": 1
+        case "flags": 2
+        case "mnt_id": 4
+        case "ino": 8
+        case "size": 16
+        case "count": 32
+        case "exp_name": 64
+        default: nil
+        }
+    }
 
     /// Parses fdinfo text: the first occurrence of each kernel key counts, unknown keys are ignored,
     /// malformed or out-of-range numbers are left unset and listed in ``unexpected``.
     public init(parsing text: String) {
-        let bytes = Array(text.utf8)
-        var seen: Set<String> = []
-        var start = 0
-        // Bytes, not Characters: "\r\n" is one Character in Swift, and splitting on "\n" would not see it.
-        while start < bytes.count {
-            let end = bytes[start...].firstIndex(of: UInt8(ascii: "\n")) ?? bytes.count
+        self.init(parsing: Array(text.utf8))
+    }
+
+    /// Parses fdinfo bytes (see ``init(parsing:)-(String)``). Bytes, not Characters: "\r\n" is one
+    /// Character in Swift, and splitting on "\n" would not see it.
+    public init<Bytes: RandomAccessCollection<UInt8>>(parsing bytes: Bytes) where Bytes.Index == Int {
+        var seen: UInt8 = 0
+        var start = bytes.startIndex
+        while start < bytes.endIndex {
+            let end = bytes[start...].firstIndex(of: UInt8(ascii: "\n")) ?? bytes.endIndex
             defer { start = end + 1 }
             guard let colon = bytes[start..<end].firstIndex(of: UInt8(ascii: ":")) else { continue }
             let key = String(decoding: bytes[start..<colon], as: UTF8.self)
@@ -56,16 +75,17 @@ public struct FdInfo: Sendable, Hashable {
                 name = FdInfo.nameValue(bytes[(colon + 1)...])
                 break
             }
-            guard FdInfo.kernelKeys.contains(key) else { continue }
-            guard seen.insert(key).inserted else {
+            guard let bit = FdInfo.keyBit(key) else { continue }
+            guard seen & bit == 0 else {
                 unexpected.append("'\(key):' printed twice; the first was kept")
                 continue
             }
+            seen |= bit
             record(key, String(decoding: bytes[(colon + 1)..<end], as: UTF8.self).trimmingSpaces())
         }
         if exporter != nil {
-            if size == nil && !seen.contains("size") { unexpected.append("a dma-buf without 'size:'") }
-            if count == nil && !seen.contains("count") { unexpected.append("a dma-buf without 'count:'") }
+            if size == nil && seen & 16 == 0 { unexpected.append("a dma-buf without 'size:'") }
+            if count == nil && seen & 32 == 0 { unexpected.append("a dma-buf without 'count:'") }
         }
     }
 
@@ -85,8 +105,8 @@ public struct FdInfo: Sendable, Hashable {
     }
 
     /// The name: everything after `name:` and the kernel's tab, less the one newline the kernel ends it with.
-    private static func nameValue(_ bytes: ArraySlice<UInt8>) -> String {
-        var value = bytes
+    private static func nameValue<Bytes: RandomAccessCollection<UInt8>>(_ bytes: Bytes) -> String {
+        var value = bytes[...]
         if value.first == UInt8(ascii: "\t") { value = value.dropFirst() }
         if value.last == UInt8(ascii: "\n") { value = value.dropLast() }
         return String(decoding: value, as: UTF8.self)
@@ -103,6 +123,21 @@ public struct FdInfo: Sendable, Hashable {
             return FdInfo(parsing: try SmallFiles.read(path))
         } catch let errno as Errno {
             throw DmaBufError("fdinfo", errno, "cannot read \(path)")
+        }
+    }
+
+    /// Reads this process's fdinfo for `fd` through `directory`, an open `/proc/self/fdinfo`: `openat`,
+    /// one `read` (fdinfo is produced whole by one `show`, so a short read is all of it) and `close`.
+    /// Nil when unreadable. The daemon reads fdinfo on every release, so this path is kept short.
+    public static func read(at directory: CInt, _ fd: FileDescriptor) -> FdInfo? {
+        let file = Sys.retrying { openat(directory, String(fd.rawValue), O_RDONLY | O_CLOEXEC) }
+        guard case .success(let handle) = file else { return nil }
+        defer { Sys.close(handle) }
+        return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 4096) { buffer -> FdInfo? in
+            guard case .success(let n) = Sys.retrying({ Glibc.read(handle, buffer.baseAddress, buffer.count) }) else { return nil }
+            // A full buffer may have more behind it: read the whole file the slow way (never for a dma-buf).
+            if n == buffer.count { return try? FdInfo.read(fd) }
+            return FdInfo(parsing: UnsafeBufferPointer(rebasing: buffer[0..<n]))
         }
     }
 }

@@ -61,31 +61,13 @@ public protocol KernelBackend: AnyObject {
     func heapTotals(kind: String) -> (total: UInt64, free: UInt64)
     /// `/sys/module/dma_heap/parameters/mem_accounting` reads Y: the system heap charges memory cgroups.
     func memAccounting() -> Bool
+    /// A heap allocation that is safe to call from another thread (the warm pools' refill thread), sharing
+    /// no state with the rest of the backend; nil where there is none.
+    func heapAllocator() -> HeapAllocator?
 }
 
-/// The first occurrence of `size:`, `count:` and `exp_name:` in dma-buf fdinfo. The kernel prints those
-/// before `name:`, which a client can set to anything (newlines included), so later lines are never trusted.
-public struct TrustedFdInfo: Sendable, Equatable {
-    public var size: UInt64?
-    public var count: Int?
-    public var exporter: String?
-
-    public init(parsing text: String) {
-        for line in text.split(separator: "\n") {
-            if line.hasPrefix("name:") { break }  // everything after may be client text
-            guard let colon = line.firstIndex(of: ":") else { continue }
-            let value = line[line.index(after: colon)...].drop { $0 == " " || $0 == "\t" }
-            switch line[..<colon] {
-            case "size" where size == nil: size = UInt64(value)
-            case "count" where count == nil:
-                // A reference count is bounded by the system's open files; anything larger is not one.
-                if let n = Int(value), n >= 0, n < 1 << 31 { count = n }
-            case "exp_name" where exporter == nil: exporter = String(value)
-            default: break
-            }
-        }
-    }
-}
+/// `DMA_HEAP_IOCTL_ALLOC` of `size` bytes (read-write, close-on-exec) on heap `heap`, from any one thread.
+public typealias HeapAllocator = @Sendable (_ heap: String, _ size: UInt64) throws -> SharedFD
 
 /// Identifies a descriptor's kind without blocking: the `/proc/self/fd` link names dma-bufs (`/dmabuf:`,
 /// their pseudo-filesystem; `anon_inode:dmabuf` on old kernels) and sync_files (`anon_inode:sync_file`)
@@ -115,6 +97,10 @@ public final class RealKernel: KernelBackend {
     private var udmabuf: FileDescriptor?
     private var limits = UDmabuf.Limits(sizeLimitMB: 64, listLimit: 1024)
     private var memory: (value: UInt64?, at: ContinuousClock.Instant)?
+    private var accounting = false
+    /// `/proc/self/fdinfo`, opened once: each fdinfo read is then one `openat` of a number, one `read` and
+    /// one `close`, with no walk through `/proc/self`.
+    private let fdinfoDirectory: CInt = open("/proc/self/fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
 
     public init(heapDirectory: String = DmaHeap.defaultDirectory, udmabufDevice: String = UDmabuf.defaultDevicePath) {
         self.heapDirectory = heapDirectory
@@ -122,7 +108,10 @@ public final class RealKernel: KernelBackend {
         _ = rescan()
     }
 
-    deinit { closeDevices() }
+    deinit {
+        closeDevices()
+        if fdinfoDirectory >= 0 { Sys.close(fdinfoDirectory) }
+    }
 
     private func closeDevices() {
         for fd in heapDevices.values { Sys.close(fd.rawValue) }
@@ -140,6 +129,7 @@ public final class RealKernel: KernelBackend {
         }
         udmabuf = try? FileDescriptor.open(udmabufDevice, .readWrite, options: [.closeOnExec], retryOnInterrupt: true)
         limits = UDmabuf.Limits.current()
+        accounting = (try? SmallFiles.read("/sys/module/dma_heap/parameters/mem_accounting"))?.hasPrefix("Y") ?? false
         return (heapDevices.keys.sorted(), udmabuf != nil)
     }
 
@@ -195,17 +185,27 @@ public final class RealKernel: KernelBackend {
         try DmaBuffer(shared: buffer).setName(name)
     }
 
+    /// One `fstat`: a dma-buf's inode carries its size (`dma_buf_getfile` sets `i_size`), so no `lseek`s.
     public func facts(_ buffer: SharedFD) throws -> BufferFacts {
-        let b = DmaBuffer(shared: buffer)
-        return BufferFacts(size: UInt64(try b.size()), inode: try b.inode())
+        let st = try Sys.fstat(buffer.descriptor).get(or: "dma-buf", "cannot stat \(buffer)")
+        guard st.st_size >= 0 else { throw DmaBufError("dma-buf", .invalidArgument, "\(buffer) reports a negative size") }
+        return BufferFacts(size: UInt64(st.st_size), inode: UInt64(st.st_ino))
     }
 
-    private func trusted(_ fd: SharedFD) -> TrustedFdInfo? {
-        (try? SmallFiles.read("/proc/self/fdinfo/\(fd.descriptor.rawValue)")).map(TrustedFdInfo.init(parsing:))
+    /// This process's fdinfo for `fd`, parsed by ``FdInfo`` (which trusts nothing after `name:`); nil when
+    /// unreadable.
+    private func fdinfo(_ fd: SharedFD) -> FdInfo? {
+        guard fdinfoDirectory >= 0 else { return try? FdInfo.read(fd.descriptor) }
+        return FdInfo.read(at: fdinfoDirectory, fd.descriptor)
     }
 
-    public func referenceCount(_ buffer: SharedFD) -> Int? { trusted(buffer)?.count }
-    public func exporter(_ buffer: SharedFD) -> String? { trusted(buffer)?.exporter }
+    /// Unknown (nil) unless fdinfo looked exactly like the kernel's: a caller deciding a charge keeps it then.
+    public func referenceCount(_ buffer: SharedFD) -> Int? {
+        guard let info = fdinfo(buffer), info.unexpected.isEmpty else { return nil }
+        return info.count
+    }
+
+    public func exporter(_ buffer: SharedFD) -> String? { fdinfo(buffer)?.exporter }
     public func kind(of fd: SharedFD) -> FdKind {
         let kind = identifyFdKind(fd.descriptor)
         // Confirmed from fdinfo: reading it does not call into the file's filesystem or driver.
@@ -248,8 +248,37 @@ public final class RealKernel: KernelBackend {
         return (meminfoField(text, "CmaTotal:") ?? 0, meminfoField(text, "CmaFree:") ?? 0)
     }
 
-    public func memAccounting() -> Bool {
-        (try? SmallFiles.read("/sys/module/dma_heap/parameters/mem_accounting"))?.hasPrefix("Y") ?? false
+    /// Read on ``rescan()`` (start, hotplug, reload), not per request.
+    public func memAccounting() -> Bool { accounting }
+
+    /// Opens each heap device it is asked for once, on the calling thread, and keeps it: its own
+    /// descriptors, so it never races ``rescan()``.
+    public func heapAllocator() -> HeapAllocator? {
+        let devices = HeapDevices(directory: heapDirectory)
+        return { heap, size in try devices.allocate(heap: heap, size: size) }
+    }
+}
+
+/// Heap devices of one thread (the pool refill thread): not shared, so no lock.
+private final class HeapDevices: @unchecked Sendable {
+    let directory: String
+    private var open: [String: FileDescriptor] = [:]
+    init(directory: String) { self.directory = directory }
+    deinit { for fd in open.values { Sys.close(fd.rawValue) } }
+
+    func allocate(heap: String, size: UInt64) throws -> SharedFD {
+        let device: FileDescriptor
+        if let known = open[heap] {
+            device = known
+        } else {
+            guard !heap.contains("/") else { throw DmaBufError("dma-heap", .invalidArgument, "bad heap name '\(heap)'") }
+            device = try FileDescriptor.open(directory + "/" + heap, .readOnly, options: [.closeOnExec], retryOnInterrupt: true)
+            open[heap] = device
+        }
+        var data = dma_heap_allocation_data(len: size, fd: 0, fd_flags: UInt32(O_RDWR | O_CLOEXEC), heap_flags: 0)
+        _ = try withUnsafeMutableBytes(of: &data) { Sys.ioctl(device, CDmaBuf_DMA_HEAP_IOCTL_ALLOC, $0.baseAddress) }
+            .get(or: "dma-heap '\(heap)'", "DMA_HEAP_IOCTL_ALLOC of \(ByteCount(Int(clamping: size))) for a warm pool failed")
+        return SharedFD(adopting: CInt(bitPattern: data.fd))
     }
 }
 

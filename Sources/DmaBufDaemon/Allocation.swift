@@ -104,7 +104,7 @@ extension Broker {
                       fdFlags: UInt32) throws -> BufferRecord {
         switch target {
         case .heap(let name):
-            let fd = try kernel.allocate(heap: name, size: size, fdFlags: fdFlags, heapFlags: 0)
+            let fd = try pools.take(heap: name, size: size, fdFlags: fdFlags) ?? kernel.allocate(heap: name, size: size, fdFlags: fdFlags, heapFlags: 0)
             let record = try register(fd, session: session, heap: logical, tag: tag)
             record.contiguous = resolver.isCMA(logical)
             return record
@@ -195,7 +195,7 @@ extension Broker {
         let facts = try kernel.facts(fd)
         // A second record of a dma-buf the daemon already holds would count the first record's fd as an
         // outside reference, and each would keep the other charged forever (found by the request fuzzer).
-        if let held = buffers.values.first(where: { $0.inode == facts.inode }) {
+        if let held = buffers.holding(inode: facts.inode) {
             throw Refusal(.fileExists, .invalidArgument, "import: dmabufd already holds this dma-buf as buffer \(held.id)",
                           fix: "fetch buffer \(held.id) instead of importing it again")
         }

@@ -25,6 +25,8 @@ public final class Broker: @unchecked Sendable {
     let closer: FDCloser
     var resolver: HeapResolver
     var books = Accounting()
+    /// Warm pools of fresh buffers (`pool` in dmabufd.conf).
+    let pools: Pools
 
     var listener: SharedFD?
     /// Opened at start and closed to make room when accept hits EMFILE/ENFILE, so the listener can still
@@ -36,7 +38,7 @@ public final class Broker: @unchecked Sendable {
     var sessions: [CInt: ClientSession] = [:]
     var sessionsByID: [UInt64: ClientSession] = [:]
     var perUID: [UInt32: UIDCounts] = [:]
-    var buffers: [BufferID: BufferRecord] = [:]
+    var buffers = BufferTable()
     var leases: [LeaseID: Lease] = [:]
     var fences: [UInt64: PendingFence] = [:]
     var tokens: [UInt64: (buffer: BufferID, session: UInt64, uid: UInt32)] = [:]
@@ -81,6 +83,9 @@ public final class Broker: @unchecked Sendable {
             self.charger = ChargeHelpers(loop: loop, logger: logger, config: config, closer: closer, kernel: self.kernel,
                                          ownCgroup: Broker.cgroupOf(pid: getpid()))
         }
+        // The allocator opens nothing until a refill needs it, so pools added by a reload work too.
+        pools = Pools(loop: loop, logger: logger, allocator: self.kernel.heapAllocator())
+        pools.configure(config.pools, maxBytes: config.poolMaxBytes, charged: self.kernel.memAccounting())
     }
 
     // MARK: - Start and stop
@@ -166,6 +171,7 @@ public final class Broker: @unchecked Sendable {
     }
 
     private func finishShutdown() {
+        pools.stop()
         for session in Array(sessions.values) { disconnect(session, reason: "daemon stopping") }
         logger.info("stopped")
         onStopped()

@@ -56,6 +56,8 @@ enum ChargeWire {
     static let maximumRanges = 1024
     /// Client memfds one op-3 request may carry (the protocol's per-message limit).
     static let maximumMemfds = 16
+    /// The closer's account for fds helpers sent that were not used: (uid_t)-1, which no process has.
+    static let closerUID = UInt32.max
 
     /// `struct request` (40 bytes), then for op 3 `count` `struct range`s (24 bytes each: offset, size,
     /// the index of its memfd among the memfds after the device fd, and 4 bytes reserved).

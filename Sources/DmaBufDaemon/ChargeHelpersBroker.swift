@@ -108,7 +108,7 @@ extension Broker {
     func registerCharged(_ reply: ChargeReply, session: ClientSession, heap: String, tag: String, size: UInt64,
                          runs: PageRuns? = nil, clientMemfd: SharedFD? = nil, clientMemory: Bool = false, memfdSize: UInt64? = nil) throws -> BufferRecord {
         guard isConnected(session) else {
-            closer.retire([reply.buffer] + (reply.memfd.map { [$0] } ?? []))
+            retireClientFDs([reply.buffer] + (reply.memfd.map { [$0] } ?? []), uid: session.uid)
             throw Refusal(.connectionAbort, .internal, "the client left while its allocation was made")
         }
         let facts = try kernel.facts(reply.buffer)

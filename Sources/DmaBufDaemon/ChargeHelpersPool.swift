@@ -201,7 +201,9 @@ extension ChargeHelpers {
             }
             guard let pending = helper.pending.first, let reply = ChargeWire.decodeReply(message.bytes), reply.sequence == pending.sequence,
                   let result = check(reply, message, pending.request) else {
-                closer.retire(message.fds)
+                // Whatever a helper sent is untrusted (it lives in a cgroup the client controls): the
+                // closer takes it, under a key no client uid has.
+                closer.retire(message.fds, uid: ChargeWire.closerUID)
                 return retire(helper, failing: ChargeUnavailable(errno: .badMessage, description: "the charge helper in \(helper.cgroup) sent a reply that makes no sense", fix: "retry"))
             }
             helper.pending.removeFirst()

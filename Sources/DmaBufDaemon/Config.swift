@@ -1,4 +1,5 @@
 import DmaBuf
+import DmaBufTypes
 
 #if canImport(Glibc)
 import Glibc
@@ -106,6 +107,10 @@ public struct DaemonConfig: Sendable, Equatable {
         /// Always allocate in the daemon: no helpers.
         case off
     }
+
+    /// `pool = <heap> <size> <count>` (repeatable) and `pool_max_bytes`: warm pools (`Pools.swift`).
+    public var pools: [PoolSpec] = []
+    public var poolMaxBytes: UInt64 = 256 << 20
 
     public struct Quota: Sendable, Equatable {
         public var bytes: UInt64
@@ -284,7 +289,7 @@ public struct DaemonConfig: Sendable, Equatable {
         cgroupQuotas.append(rule)
     }
 
-    /// The bounds on what clients can make the daemon hold.
+    /// The bounds on what clients can make the daemon hold, and the warm pools (which the daemon holds).
     private mutating func applyBound(key: String, _ v: Value) throws {
         switch key {
         case "hello_timeout":
@@ -294,6 +299,11 @@ public struct DaemonConfig: Sendable, Equatable {
             let bytes = try v.size()
             guard bytes > 0, bytes <= UInt64(UInt32.max) else { throw ConfigValueError(text: "'\(v.text)' must be between 1 and 4G") }
             maxOutboxBytes = UInt32(bytes)
+        case "pool":
+            guard let spec = PoolSpec.parse(v.text) else { throw ConfigValueError(text: "'\(v.text)' is not '<heap> <size> <count>' (like 'system 16M 4')") }
+            pools.append(spec)
+        case "pool_max_bytes":
+            poolMaxBytes = try v.size()
         case let name where Self.boundKeys[name] != nil:
             self[keyPath: Self.boundKeys[name]!] = try v.positiveCount()
         default:
@@ -322,18 +332,8 @@ public struct DaemonConfig: Sendable, Equatable {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`, or a bare number of seconds.
-public func parseDuration(_ text: String) -> Duration? {
-    let t = text.trimmingSpaces().lowercased()
-    let digits = t.prefix(while: { $0.isNumber || $0 == "." })
-    guard let n = Double(digits), n >= 0 else { return nil }
-    switch t.dropFirst(digits.count) {
-    case "", "s": return .milliseconds(Int64(n * 1000))
-    case "ms": return .milliseconds(Int64(n))
-    case "m": return .milliseconds(Int64(n * 60_000))
-    default: return nil
-    }
-}
+/// The one duration grammar (``DurationText/parse(_:)``): `500ms`, `5s`, `2m`, `1h`, or bare seconds.
+public func parseDuration(_ text: String) -> Duration? { DurationText.parse(text) }
 
 func parseBool(_ text: String) -> Bool? {
     switch text.lowercased() {
@@ -344,12 +344,8 @@ func parseBool(_ text: String) -> Bool? {
 }
 
 extension StringProtocol {
-    func trimmingSpaces() -> String {
-        var s = Substring(self)
-        while let f = s.first, f == " " || f == "\t" || f == "\r" { s = s.dropFirst() }
-        while let l = s.last, l == " " || l == "\t" || l == "\r" { s = s.dropLast() }
-        return String(s)
-    }
+    /// The one trimming helper (``trimmingWhitespace()``), under the name the config parser uses.
+    func trimmingSpaces() -> String { trimmingWhitespace() }
 }
 
 /// A per-cgroup quota: `cgroup_quota PATTERN = BYTES [BUFFERS] [each|together]`.

@@ -189,22 +189,11 @@ public final class EventLoop: @unchecked Sendable {
     /// Runs the loop on a new thread and returns once it exits (after ``stop()``).
     public func runOnThread() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let box = ThreadBody { [self] in
+            if !detachThread({ [self] in
                 self.run()
                 continuation.resume()
-            }
-            var thread = pthread_t()
-            let context = Unmanaged.passRetained(box).toOpaque()
-            let rc = pthread_create(&thread, nil, { raw in
-                let body = Unmanaged<ThreadBody>.fromOpaque(raw!).takeRetainedValue()
-                body.run()
-                return nil
-            }, context)
-            if rc != 0 {
-                Unmanaged<ThreadBody>.fromOpaque(context).release()
+            }) {
                 continuation.resume()
-            } else {
-                pthread_detach(thread)
             }
         }
     }
@@ -217,11 +206,6 @@ private struct TimerEntry: Comparable {
     static func < (a: TimerEntry, b: TimerEntry) -> Bool { a.deadline == b.deadline ? a.id < b.id : a.deadline < b.deadline }
 }
 
-private final class ThreadBody: @unchecked Sendable {
-    let run: () -> Void
-    init(_ run: @escaping () -> Void) { self.run = run }
-}
-
 /// A pthread mutex: the loop's only lock, guarding the cross-thread queue.
 final class Mutex: @unchecked Sendable {
     private var mutex = pthread_mutex_t()
@@ -232,4 +216,6 @@ final class Mutex: @unchecked Sendable {
         defer { pthread_mutex_unlock(&mutex) }
         return try body()
     }
+    /// Waits on `condition`; call only inside ``withLock(_:)``.
+    func wait(_ condition: inout pthread_cond_t) { pthread_cond_wait(&condition, &mutex) }
 }

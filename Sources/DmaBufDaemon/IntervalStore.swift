@@ -1,14 +1,4 @@
-/// How a fence touches the pages it covers. Read/read pairs never conflict; every pair
-/// involving a write does.
-///
-/// The raw values match `DmaBufWire.AccessMode`, so a wire value converts with
-/// `RangeAccess(rawValue: mode.rawValue)`; this type stays here so the store does not
-/// depend on the protocol.
-public enum RangeAccess: UInt8, Sendable, Hashable, Codable {
-    case read = 1
-    case write = 2
-}
-
+import DmaBufTypes
 /// Page-range bookkeeping for fences: which entries overlap `[a, b)`, and which of
 /// those an access must wait for.
 ///
@@ -41,7 +31,7 @@ public struct IntervalStore<Value> {
     public struct Entry {
         public let id: ID
         public let range: Range<UInt64>
-        public let access: RangeAccess
+        public let access: AccessMode
         public let value: Value
     }
 
@@ -58,7 +48,7 @@ public struct IntervalStore<Value> {
         var left: Int
         var right: Int
         var height: Int
-        var access: RangeAccess
+        var access: AccessMode
         var value: Value
     }
 
@@ -80,14 +70,14 @@ public struct IntervalStore<Value> {
     /// this store and is never reused; returns nil, consuming no id, when `range` is
     /// empty, because an empty range covers no pages and could never conflict.
     /// O(log n).
-    public mutating func insert(_ range: Range<UInt64>, access: RangeAccess, value: Value) -> ID? {
+    public mutating func insert(_ range: Range<UInt64>, access: AccessMode, value: Value) -> ID? {
         guard !range.isEmpty else { return nil }
         let id = nextID
         nextID += 1
         let slot = nodes.count
         nodes.append(Node(lower: range.lowerBound, upper: range.upperBound, id: id,
                           maxUpper: range.upperBound,
-                          maxWriteUpper: access == .write ? range.upperBound : 0,
+                          maxWriteUpper: access.writes ? range.upperBound : 0,
                           left: Self.noSlot, right: Self.noSlot, height: 1,
                           access: access, value: value))
         slotByID[id] = slot
@@ -121,8 +111,8 @@ public struct IntervalStore<Value> {
     /// `(range.lowerBound, id)` order: a write waits for every overlapping entry, a read
     /// only for overlapping writes. A read query prunes by the writes-only bound, so its
     /// cost follows the number of writes it returns, not of the reads it passes over.
-    public func conflicts(with range: Range<UInt64>, access: RangeAccess) -> [Entry] {
-        collect(range, writesOnly: access == .read)
+    public func conflicts(with range: Range<UInt64>, access: AccessMode) -> [Entry] {
+        collect(range, writesOnly: !access.writes)
     }
 
     /// Removes every entry for which `predicate` is true and returns them in
@@ -190,7 +180,7 @@ extension IntervalStore {
         let l = nodes[slot].left, r = nodes[slot].right
         var h = 0
         var m = nodes[slot].upper
-        var w = nodes[slot].access == .write ? nodes[slot].upper : 0
+        var w = nodes[slot].access.writes ? nodes[slot].upper : 0
         if l != Self.noSlot {
             h = nodes[l].height
             m = Swift.max(m, nodes[l].maxUpper)
@@ -385,7 +375,7 @@ extension IntervalStore {
         collect(nodes[slot].left, a, b, writesOnly, into: &out)
         // This node and everything to its right start at or after `b`.
         guard nodes[slot].lower < b else { return }
-        if nodes[slot].upper > a && (!writesOnly || nodes[slot].access == .write) {
+        if nodes[slot].upper > a && (!writesOnly || nodes[slot].access.writes) {
             out.append(entry(at: slot))
         }
         collect(nodes[slot].right, a, b, writesOnly, into: &out)
@@ -426,7 +416,7 @@ extension IntervalStore {
             guard abs(l.0 - r.0) <= 1 else { return .failure(Failure("id \(n.id) unbalanced: \(l.0) vs \(r.0)")) }
             let h = Swift.max(l.0, r.0) + 1
             let m = Swift.max(n.upper, l.1, r.1)
-            let w = Swift.max(n.access == .write ? n.upper : 0, l.2, r.2)
+            let w = Swift.max(n.access.writes ? n.upper : 0, l.2, r.2)
             guard n.height == h else { return .failure(Failure("id \(n.id) height \(n.height), expected \(h)")) }
             guard n.maxUpper == m else { return .failure(Failure("id \(n.id) maxUpper \(n.maxUpper), expected \(m)")) }
             guard n.maxWriteUpper == w else { return .failure(Failure("id \(n.id) maxWriteUpper \(n.maxWriteUpper), expected \(w)")) }

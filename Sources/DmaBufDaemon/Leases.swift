@@ -86,7 +86,7 @@ extension Broker {
             try kernel.importFence(fd, into: record.fd, write: f.access.writes)
         }
         let key = nextFenceKey
-        guard let interval = record.fences.insert(range, access: f.access.writes ? .write : .read, value: key) else {
+        guard let interval = record.fences.insert(range, access: f.access, value: key) else {
             throw Refusal(.invalidArgument, .invalidArgument, "empty page range")
         }
         do {
@@ -113,7 +113,7 @@ extension Broker {
         let record = try visible(a.buffer, to: session)
         try notRevoked(record)
         let range = try Validate.pages(a.firstPage, a.pageCount, of: record.pages, buffer: record.id)
-        let conflicts = record.fences.conflicts(with: range, access: a.access.writes ? .write : .read)
+        let conflicts = record.fences.conflicts(with: range, access: a.access)
         // Each SYNC_IOC_MERGE copies every fence merged so far: merging n costs O(n²) on the loop, so a
         // request merges at most max_merge_fences and is refused beyond (the fences signal by themselves).
         guard conflicts.count <= Int(config.maxMergeFences) else {

@@ -135,6 +135,7 @@ extension Broker {
         let scan = kernel.rescan()
         resolver = HeapResolver(policies: applied.policies, heapDirectory: applied.heapDirectory, udmabufDevice: applied.udmabufDevice,
                                 heaps: scan.heaps, udmabuf: scan.udmabuf)
+        pools.configure(applied.pools, maxBytes: applied.poolMaxBytes, charged: kernel.memAccounting())
         var revoked = 0
         for (uid, used) in books.usage {
             let quota = config.quota(for: uid)

@@ -141,3 +141,26 @@ struct UIDCounts {
     var shares = 0
     var isEmpty: Bool { connections == 0 && leases == 0 && fences == 0 && tokens == 0 && shares == 0 }
 }
+
+/// The broker's buffers by id, with an index by inode so `import` finds a dma-buf the daemon already holds
+/// in O(1) instead of scanning every record. Reads and writes look like a dictionary's.
+struct BufferTable {
+    private var byID: [BufferID: BufferRecord] = [:]
+    private var byInode: [UInt64: BufferID] = [:]
+
+    subscript(id: BufferID) -> BufferRecord? {
+        get { byID[id] }
+        set {
+            if let old = byID[id], byInode[old.inode] == id { byInode[old.inode] = nil }
+            byID[id] = newValue
+            if let newValue { byInode[newValue.inode] = id }
+        }
+    }
+
+    /// The record of the dma-buf with this inode, if the daemon holds it.
+    func holding(inode: UInt64) -> BufferRecord? { byInode[inode].flatMap { byID[$0] } }
+
+    var values: Dictionary<BufferID, BufferRecord>.Values { byID.values }
+    var count: Int { byID.count }
+    var isEmpty: Bool { byID.isEmpty }
+}

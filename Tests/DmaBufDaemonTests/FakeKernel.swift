@@ -107,6 +107,8 @@ final class FakeKernel: KernelBackend {
     func heapTotals(kind: String) -> (total: UInt64, free: UInt64) { kind == "cma" ? (64 << 20, 32 << 20) : (0, 0) }
     var accounting = false
     func memAccounting() -> Bool { accounting }
+    /// Pool refills run on another thread: made without touching this object's state.
+    func heapAllocator() -> HeapAllocator? { { _, size in try FakeKernel.makeBuffer(size: size) } }
 
     // MARK: - fd helpers
 

@@ -1,3 +1,4 @@
+import DmaBufTypes
 import DmaBufTestSupport
 import Testing
 @testable import DmaBufDaemon
@@ -167,7 +168,7 @@ struct IntervalStoreTests {
     private struct ModelEntry {
         let id: UInt64
         let range: Range<UInt64>
-        let access: RangeAccess
+        let access: AccessMode
         let value: UInt64
     }
 
@@ -215,7 +216,7 @@ struct IntervalStoreTests {
 
             if roll < insertWeight {
                 let range = Self.randomRange(&rng, allowEmpty: true)
-                let access: RangeAccess = Bool.random(using: &rng) ? .read : .write
+                let access: AccessMode = Bool.random(using: &rng) ? .read : .write
                 let value = rng.next()
                 let id = store.insert(range, access: access, value: value)
                 if range.isEmpty {
@@ -243,7 +244,7 @@ struct IntervalStoreTests {
                 }
             } else if roll < 997 {
                 let range = Self.randomRange(&rng, allowEmpty: true)
-                let access: RangeAccess = Bool.random(using: &rng) ? .read : .write
+                let access: AccessMode = Bool.random(using: &rng) ? .read : .write
                 let hits = model.filter { Self.overlaps($0.range, range) }
                 let blocking = hits.filter { access == .write || $0.access == .write }
                 let overlapping = store.overlapping(range)
@@ -308,7 +309,7 @@ struct IntervalStoreTests {
         for q in 0..<1_000 {
             let lower = UInt64.random(in: 0..<span, using: &rng)
             let range = lower..<(lower + UInt64.random(in: 1...4096, using: &rng))
-            let access: RangeAccess = q.isMultiple(of: 2) ? .read : .write
+            let access: AccessMode = q.isMultiple(of: 2) ? .read : .write
             let overlapping = store.overlapping(range)
             let conflicts = store.conflicts(with: range, access: access)
             #expect(conflicts.count <= overlapping.count)
@@ -332,7 +333,7 @@ struct IntervalStoreTests {
 private extension IntervalStore {
     /// Inserts a range the test knows is non-empty. (`#require` can't wrap a mutating call
     /// directly: it would decompose it into a call on an immutable copy.)
-    mutating func added(_ range: Range<UInt64>, access: RangeAccess, value: Value) throws -> ID {
+    mutating func added(_ range: Range<UInt64>, access: AccessMode, value: Value) throws -> ID {
         let id = insert(range, access: access, value: value)
         return try #require(id)
     }

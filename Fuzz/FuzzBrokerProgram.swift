@@ -321,8 +321,10 @@ final class BrokerRun {
         // A begin_access reply's merged fence, attached again by a client, signals once its inputs have.
         kernel.signalMerges()
         for _ in 0..<10_000 {
-            loop.runOnce(timeoutMilliseconds: 0)
+            // The broker reads one message per wake-up: keep turning while anything was ready.
+            let events = loop.runOnce(timeoutMilliseconds: 0)
             if broker.isIdle { return }
+            if events > 0 { continue }
             guard let next = loop.nextTimerDelay else { break }
             loop.advanceTime(by: max(next, .milliseconds(1)))
         }

@@ -100,7 +100,7 @@ extension Broker {
     }
 
     /// udmabufs ignore the access mode of `fd_flags`: the kernel makes them O_RDWR.
-    private func make(_ target: HeapResolver.Target, logical: String, size: UInt64, session: ClientSession, tag: String,
+    func make(_ target: HeapResolver.Target, logical: String, size: UInt64, session: ClientSession, tag: String,
                       fdFlags: UInt32) throws -> BufferRecord {
         switch target {
         case .heap(let name):

@@ -79,6 +79,16 @@ extension Broker {
         func attempt(_ index: Int, _ lastError: Error?) {
             guard index < chain.count else { return done(.failure(lastError!)) }
             let (logical, target) = chain[index]
+            // A heap the kernel charges to nobody (every heap on 6.12, CMA on every kernel) gains nothing
+            // from a helper: it is made here, warm pools included, as for a client in dmabufd's cgroup.
+            if !helperCharges(target) {
+                do { return done(.success(try make(target, logical: logical, size: size, session: session, tag: tag, fdFlags: fdFlags))) }
+                catch let error as DmaBufError {
+                    books.countHeapFailure(logical)
+                    logger.notice("allocation failed; trying the next heap", metadata: ["heap": "\(logical)", "error": "\(error)"])
+                    return attempt(index + 1, explained(error, target: target, size: size))
+                } catch { return done(.failure(error)) }
+            }
             let request: ChargeRequest
             switch target {
             case .heap(let name): request = .heap(name: name, size: size, fdFlags: fdFlags, heapFlags: 0)
@@ -102,6 +112,15 @@ extension Broker {
             }
         }
         attempt(0, nil)
+    }
+
+    /// True when the kernel charges what `target` makes to the allocating task's memory cgroup: memfd
+    /// pages always, a heap's pages only for the system heap with `dma_heap.mem_accounting` on (7.0+).
+    func helperCharges(_ target: HeapResolver.Target) -> Bool {
+        switch target {
+        case .udmabuf: return true
+        case .heap(let name): return name == "system" && kernel.memAccounting()
+        }
     }
 
     /// Registers what a helper made, after checking it is as big as asked.

@@ -471,8 +471,8 @@ enum HostileTests {
             }
         },
         DeviceTest("hostile.unit", requires: []) {
-            // systemd/verify: exposure <= 1.5, not root, MemoryMax/TasksMax, fd store >= fd_store_max,
-            // only the heap and udmabuf devices, capabilities at most CAP_SYS_ADMIN.
+            // systemd/verify: exposure <= 1.9 (1.5 + the justified 0.4 for charge helpers), not root, MemoryMax/TasksMax, fd store >= fd_store_max,
+            // only the heap and udmabuf devices, capabilities at most CAP_SYS_ADMIN and CAP_DAC_OVERRIDE.
             let script = repositoryRoot() + "/systemd/verify"
             try expect(access(script, X_OK) == 0, "no \(script)")
             let out = try FileDescriptor.open("/tmp/hostile-unit-\(getpid()).out", .writeOnly, options: [.create, .truncate], permissions: .ownerReadWrite)

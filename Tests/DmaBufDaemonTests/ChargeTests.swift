@@ -62,6 +62,9 @@ extension BrokerHarness {
         try scenario(configure) { h in
             let charger = FakeCharger(kernel: h.kernel)
             h.broker.charger = charger
+            // A 7.x kernel with dma_heap.mem_accounting: system-heap pages are charged to the allocator,
+            // so heap allocations go through the helper too.
+            h.kernel.accounting = true
             try body(h, charger)
         }
     }
@@ -91,6 +94,23 @@ struct ChargeTests {
             guard case .buffer(let info) = reply1, case .stats = reply2 else { Issue.record("\(reply1), \(reply2)"); return }
             #expect(info.size == 4096 && fds1.count == 1)
             try client.expectOK(.release(info.id))
+        }
+    }
+
+    @Test func heapsTheKernelDoesNotChargeAreMadeInTheDaemon() throws {
+        try BrokerHarness.charged { h, charger in
+            h.kernel.accounting = false  // 6.12: heap pages are charged to nobody, a helper would gain nothing
+            let client = try h.connect(cgroup: "/user.slice/app.scope")
+            let (reply, fds) = try client.request(.allocate(AllocateRequest(size: 4096, heap: "system", tag: "a")))
+            guard case .buffer(let info) = reply else { Issue.record("\(reply)"); return }
+            #expect(charger.jobs.isEmpty && fds.count == 1)
+            try client.expectOK(.release(info.id))
+            // memfd pages are charged on every kernel: a udmabuf still goes through the helper.
+            _ = try client.send(.createUDmabuf(UDmabufRequest(size: 8192, tag: "u")))
+            #expect(h.pump(until: { charger.jobs.count == 1 }))
+            try charger.complete()
+            guard case .buffer(let u) = try #require(try client.receive()).1 else { Issue.record("no udmabuf"); return }
+            try client.expectOK(.release(u.id))
         }
     }
 

@@ -4,6 +4,7 @@
 #include "CDmabufdCharge.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <linux/capability.h>
 #include <signal.h>
@@ -90,6 +91,7 @@ int CDmabufdCharge_write_procs(const char *path, const char *text) {
         if (n < 0) error = errno; else if ((size_t)n != strlen(text)) error = EIO;
         close(fd);
     }
-    if (raised) set_effective_dac(0);
+    // Never run on with CAP_DAC_OVERRIDE effective: a drop that fails is fatal (systemd restarts us).
+    if (raised && !set_effective_dac(0)) abort();
     return error;
 }

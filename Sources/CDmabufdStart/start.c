@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <linux/capability.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -34,6 +35,13 @@ static int drop_capabilities(void) {
 }
 
 __attribute__((constructor)) static void dmabufd_start(void) {
+    // Charge helpers are this process's children and are placed by pid: an ignored SIGCHLD (or
+    // SA_NOCLDWAIT) inherited from whoever started dmabufd would let an early-exiting helper be reaped
+    // at once and its pid reused before the cgroup.procs write. The default keeps every helper a zombie
+    // until dmabufd reaps it through its pidfd.
+    struct sigaction child = { .sa_handler = SIG_DFL };
+    sigemptyset(&child.sa_mask);
+    sigaction(SIGCHLD, &child, NULL);
     pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (pagemap_fd < 0) pagemap_errno = errno;
     capabilities_errno = drop_capabilities();

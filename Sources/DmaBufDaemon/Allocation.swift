@@ -174,8 +174,10 @@ extension Broker {
             return deferAdmitted(session, bytes: total, buffers: 1, createsMemory: false) { reply in
                 charge(session, .udmabufFromMemfds(memfds: memfds, ranges: ranges)) { [unowned self] result in
                     reply(result.flatMap { made in
+                        // Made by a helper, the holes it faulted in are the client's; made here (a
+                        // best-effort fallback) they are dmabufd's and count against the headroom.
                         Result { try self.registerCharged(made, session: session, heap: "udmabuf", tag: u.tag, size: total,
-                                                          runs: runs, clientMemfd: single, clientMemory: true) }
+                                                          runs: runs, clientMemfd: single, clientMemory: made.inClientCgroup) }
                     }.map { (.buffer(self.info($0, for: session)), [$0.fd]) })
                 }
             }

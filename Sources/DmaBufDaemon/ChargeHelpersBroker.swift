@@ -130,8 +130,13 @@ extension Broker {
             retireClientFDs([reply.buffer] + (reply.memfd.map { [$0] } ?? []), uid: session.uid)
             throw Refusal(.connectionAbort, .internal, "the client left while its allocation was made")
         }
-        let facts = try kernel.facts(reply.buffer)
+        let facts: BufferFacts
+        do { facts = try kernel.facts(reply.buffer) } catch {
+            retireClientFDs([reply.buffer] + (reply.memfd.map { [$0] } ?? []), uid: session.uid)
+            throw error
+        }
         guard facts.size >= size else {
+            retireClientFDs([reply.buffer] + (reply.memfd.map { [$0] } ?? []), uid: session.uid)
             throw Refusal(.ioError, .internal, "the charge helper returned a \(facts.size)-byte buffer for \(size) bytes", fix: "retry")
         }
         // Admission counts a buffer against its cgroup's headroom only where memory.current does not

@@ -42,12 +42,12 @@ final class FakeCharger: ChargeService {
         let job = jobs.removeFirst()
         switch job.request {
         case .heap(let name, let size, let fdFlags, let heapFlags):
-            job.done(.success(ChargeReply(buffer: try kernel.allocate(heap: name, size: size, fdFlags: fdFlags, heapFlags: heapFlags))))
+            job.done(.success(ChargeReply(buffer: try kernel.allocate(heap: name, size: size, fdFlags: fdFlags, heapFlags: heapFlags), inClientCgroup: true)))
         case .udmabuf(let size, let huge):
             let made = try kernel.createUDmabuf(size: size, hugePages: huge)
-            job.done(.success(ChargeReply(buffer: made.buffer, memfd: made.memfd)))
+            job.done(.success(ChargeReply(buffer: made.buffer, memfd: made.memfd, inClientCgroup: true)))
         case .udmabufFromMemfds(let memfds, let ranges):
-            job.done(.success(ChargeReply(buffer: try kernel.createUDmabuf(ranges: ranges.map { (memfds[$0.memfd], $0.offset, $0.size) }))))
+            job.done(.success(ChargeReply(buffer: try kernel.createUDmabuf(ranges: ranges.map { (memfds[$0.memfd], $0.offset, $0.size) }), inClientCgroup: true)))
         }
     }
 

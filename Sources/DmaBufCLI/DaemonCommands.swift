@@ -6,7 +6,25 @@ import DmaBufWire
 // The commands that talk to dmabufd. Each connects, sends one or two requests, prints, and exits; the
 // daemon releases what a disconnected client held, so only `alloc --hold` keeps its connection.
 
-public struct HeapsCommand: ParsableCommand {
+/// A command that asks the daemon one thing and prints the reply as text or JSON. Conforming commands
+/// only say what to ask (`query`) and how the reply reads as text (`text`); connecting, the error
+/// reporting and exit statuses of `withDaemon`, and the `--format` switch live here once.
+public protocol DaemonReplyCommand: ParsableCommand {
+    associatedtype Reply: Encodable
+    var connection: ConnectionOptions { get }
+    var output: FormatOptions { get }
+    func query(_ daemon: DmaBufConnection) throws -> Reply
+    func text(_ reply: Reply) -> String
+}
+
+extension DaemonReplyCommand {
+    public func run() throws {
+        let reply = try withDaemon(connection) { try query($0) }
+        try emit(output.format, reply, text: text)
+    }
+}
+
+public struct HeapsCommand: DaemonReplyCommand {
     public static let configuration = CommandConfiguration(
         commandName: "heaps",
         abstract: "List the heaps the daemon serves and its allocation policies.",
@@ -27,10 +45,8 @@ public struct HeapsCommand: ParsableCommand {
 
     public init() {}
 
-    public func run() throws {
-        let reply = try withDaemon(connection) { try $0.heaps() }
-        try emit(output.format, reply, text: format(heaps:))
-    }
+    public func query(_ daemon: DmaBufConnection) throws -> HeapsReply { try daemon.heaps() }
+    public func text(_ reply: HeapsReply) -> String { format(heaps: reply) }
 }
 
 public struct AllocCommand: ParsableCommand {
@@ -92,7 +108,7 @@ public struct AllocCommand: ParsableCommand {
     }
 }
 
-public struct ListCommand: ParsableCommand {
+public struct ListCommand: DaemonReplyCommand {
     public static let configuration = CommandConfiguration(
         commandName: "ls",
         abstract: "List buffers: yours, or every buffer with --all (root).",
@@ -117,13 +133,13 @@ public struct ListCommand: ParsableCommand {
 
     public init() {}
 
-    public func run() throws {
-        let buffers = try withDaemon(connection) { try $0.list(all: all) }
-        try emit(output.format, BufferListOutput(buffers: buffers)) { format(buffers: $0.buffers) }
+    public func query(_ daemon: DmaBufConnection) throws -> BufferListOutput {
+        BufferListOutput(buffers: try daemon.list(all: all))
     }
+    public func text(_ reply: BufferListOutput) -> String { format(buffers: reply.buffers) }
 }
 
-public struct InfoCommand: ParsableCommand {
+public struct InfoCommand: DaemonReplyCommand {
     public static let configuration = CommandConfiguration(
         commandName: "info",
         abstract: "Show one buffer.",
@@ -144,10 +160,8 @@ public struct InfoCommand: ParsableCommand {
 
     public init() {}
 
-    public func run() throws {
-        let info = try withDaemon(connection) { try $0.info(id) }
-        try emit(output.format, info, text: format(info:))
-    }
+    public func query(_ daemon: DmaBufConnection) throws -> BufferInfo { try daemon.info(id) }
+    public func text(_ reply: BufferInfo) -> String { format(info: reply) }
 }
 
 public struct RangesCommand: ParsableCommand {
@@ -234,9 +248,19 @@ public struct FenceOptions: ParsableArguments {
     public var access: AccessMode
 
     public init() {}
+
+    /// beginAccess on these pages: the number of fences and, when there are any, their sync_file.
+    func begin(on connection: DmaBufConnection) throws -> (Int, SyncFile?) {
+        try connection.beginAccess(buffer: id, firstPage: pages.first, pageCount: pages.count, access: access)
+    }
+
+    func output(fences: Int, signaled: Bool, waitedMilliseconds: UInt64?) -> FenceOutput {
+        FenceOutput(buffer: id, firstPage: pages.first, pageCount: pages.count, access: access.description,
+                    fences: UInt32(fences), signaled: signaled, waitedMilliseconds: waitedMilliseconds)
+    }
 }
 
-public struct FenceWaitCommand: ParsableCommand {
+public struct FenceWaitCommand: DaemonReplyCommand {
     public static let configuration = CommandConfiguration(
         commandName: "wait",
         abstract: "Wait until the fences on the pages signal (beginAccess, then poll the sync_file).",
@@ -261,29 +285,25 @@ public struct FenceWaitCommand: ParsableCommand {
 
     public init() {}
 
-    public func run() throws {
-        let result: FenceOutput = try withDaemon(connection) { connection in
-            let (count, syncFile) = try connection.beginAccess(
-                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access)
-            let start = ContinuousClock.now
-            if let syncFile {
-                do {
-                    try syncFile.wait(timeout: timeout)
-                } catch let error as DmaBufError where error.errno == .timerExpired {
-                    Console.current.err("error: \(count) fence(s) on buffer \(fence.id) pages \(fence.pages) did not signal within \(human(milliseconds: UInt64((timeout ?? .zero).wholeMilliseconds)))")
-                    throw ExitStatus.refused.exitCode
-                }
+    public func query(_ daemon: DmaBufConnection) throws -> FenceOutput {
+        let (count, syncFile) = try fence.begin(on: daemon)
+        let start = ContinuousClock.now
+        if let syncFile {
+            do {
+                try syncFile.wait(timeout: timeout)
+            } catch let error as DmaBufError where error.errno == .timerExpired {
+                Console.current.err("error: \(count) fence(s) on buffer \(fence.id) pages \(fence.pages) did not signal within \(human(milliseconds: UInt64((timeout ?? .zero).wholeMilliseconds)))")
+                throw ExitStatus.refused.exitCode
             }
-            return FenceOutput(
-                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access.description,
-                fences: UInt32(count), signaled: true,
-                waitedMilliseconds: syncFile == nil ? 0 : UInt64(max(0, (ContinuousClock.now - start).wholeMilliseconds)))
         }
-        try emit(output.format, result, text: format(fence:))
+        return fence.output(fences: count, signaled: true,
+            waitedMilliseconds: syncFile == nil ? 0 : UInt64(max(0, (ContinuousClock.now - start).wholeMilliseconds)))
     }
+
+    public func text(_ reply: FenceOutput) -> String { format(fence: reply) }
 }
 
-public struct FenceStatusCommand: ParsableCommand {
+public struct FenceStatusCommand: DaemonReplyCommand {
     public static let configuration = CommandConfiguration(
         commandName: "status",
         abstract: "Print how many fences guard the pages and whether they signalled, without waiting.",
@@ -301,16 +321,12 @@ public struct FenceStatusCommand: ParsableCommand {
 
     public init() {}
 
-    public func run() throws {
-        let result: FenceOutput = try withDaemon(connection) { connection in
-            let (count, syncFile) = try connection.beginAccess(
-                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access)
-            return FenceOutput(
-                buffer: fence.id, firstPage: fence.pages.first, pageCount: fence.pages.count, access: fence.access.description,
-                fences: UInt32(count), signaled: try syncFile?.isSignaled() ?? true, waitedMilliseconds: nil)
-        }
-        try emit(output.format, result, text: format(fence:))
+    public func query(_ daemon: DmaBufConnection) throws -> FenceOutput {
+        let (count, syncFile) = try fence.begin(on: daemon)
+        return fence.output(fences: count, signaled: try syncFile?.isSignaled() ?? true, waitedMilliseconds: nil)
     }
+
+    public func text(_ reply: FenceOutput) -> String { format(fence: reply) }
 }
 
 /// `fence wait` / `fence status` text: `buffer 7 pages 0:16 write: 2 fences, signalled after 12 ms`.

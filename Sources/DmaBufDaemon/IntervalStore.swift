@@ -196,42 +196,45 @@ extension IntervalStore {
         nodes[slot].maxWriteUpper = w
     }
 
-    mutating func rotateRight(_ slot: Int) -> Int {
-        let l = nodes[slot].left
-        nodes[slot].left = nodes[l].right
-        nodes[l].right = slot
-        refresh(slot)
-        refresh(l)
-        return l
+    /// Which child of a node; AVL rotations and rebalancing are written once, for either side.
+    enum Side {
+        case left, right
+        var opposite: Side { self == .left ? .right : .left }
     }
 
-    mutating func rotateLeft(_ slot: Int) -> Int {
-        let r = nodes[slot].right
-        nodes[slot].right = nodes[r].left
-        nodes[r].left = slot
+    @inline(__always)
+    func child(_ slot: Int, _ side: Side) -> Int {
+        side == .left ? nodes[slot].left : nodes[slot].right
+    }
+
+    @inline(__always)
+    mutating func setChild(_ slot: Int, _ side: Side, _ child: Int) {
+        if side == .left { nodes[slot].left = child } else { nodes[slot].right = child }
+    }
+
+    /// Rotates the subtree at `slot` toward `side`: its child on the other side becomes the root.
+    /// Returns the new root.
+    mutating func rotate(_ slot: Int, toward side: Side) -> Int {
+        let pivot = child(slot, side.opposite)
+        setChild(slot, side.opposite, child(pivot, side))
+        setChild(pivot, side, slot)
         refresh(slot)
-        refresh(r)
-        return r
+        refresh(pivot)
+        return pivot
     }
 
     /// Refreshes `slot` and restores the AVL condition there; returns the subtree's new root.
     mutating func rebalance(_ slot: Int) -> Int {
         refresh(slot)
-        let l = nodes[slot].left, r = nodes[slot].right
-        let balance = height(l) - height(r)
-        if balance > 1 {
-            if height(nodes[l].left) < height(nodes[l].right) {
-                nodes[slot].left = rotateLeft(l)
-            }
-            return rotateRight(slot)
+        let balance = height(nodes[slot].left) - height(nodes[slot].right)
+        guard balance > 1 || balance < -1 else { return slot }
+        let heavy: Side = balance > 1 ? .left : .right
+        let inner = child(slot, heavy)
+        // A heavy child leaning inward is first turned outward (the double rotation).
+        if height(child(inner, heavy)) < height(child(inner, heavy.opposite)) {
+            setChild(slot, heavy, rotate(inner, toward: heavy))
         }
-        if balance < -1 {
-            if height(nodes[r].right) < height(nodes[r].left) {
-                nodes[slot].right = rotateRight(r)
-            }
-            return rotateLeft(slot)
-        }
-        return slot
+        return rotate(slot, toward: heavy.opposite)
     }
 
     mutating func insert(_ new: Int, into slot: Int) -> Int {

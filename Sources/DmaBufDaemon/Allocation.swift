@@ -79,12 +79,18 @@ extension Broker {
             do {
                 return try make(target, logical: logical, size: size, session: session, tag: tag, fdFlags: fdFlags)
             } catch let error as DmaBufError {
-                books.countHeapFailure(logical)
-                logger.notice("allocation failed; trying the next heap", metadata: ["heap": "\(logical)", "error": "\(error)"])
-                lastError = explained(error, target: target, size: size)
+                lastError = heapFailed(error, logical: logical, target: target, size: size)
             }
         }
         throw lastError!
+    }
+
+    /// One heap of a chain failed: counted per heap, logged, and explained for the error the client gets
+    /// if no later heap succeeds.
+    func heapFailed(_ error: DmaBufError, logical: String, target: HeapResolver.Target, size: UInt64) -> DmaBufError {
+        books.countHeapFailure(logical)
+        logger.notice("allocation failed; trying the next heap", metadata: ["heap": "\(logical)", "error": "\(error)"])
+        return explained(error, target: target, size: size)
     }
 
     /// A CMA heap that is out of memory says how much it has left, so a camera program's log tells the

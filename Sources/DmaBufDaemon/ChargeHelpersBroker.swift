@@ -84,9 +84,7 @@ extension Broker {
             if !helperCharges(target) {
                 do { return done(.success(try make(target, logical: logical, size: size, session: session, tag: tag, fdFlags: fdFlags))) }
                 catch let error as DmaBufError {
-                    books.countHeapFailure(logical)
-                    logger.notice("allocation failed; trying the next heap", metadata: ["heap": "\(logical)", "error": "\(error)"])
-                    return attempt(index + 1, explained(error, target: target, size: size))
+                    return attempt(index + 1, heapFailed(error, logical: logical, target: target, size: size))
                 } catch { return done(.failure(error)) }
             }
             let request: ChargeRequest
@@ -103,9 +101,7 @@ extension Broker {
                         return record
                     })
                 case .failure(let error as DmaBufError):
-                    self.books.countHeapFailure(logical)
-                    self.logger.notice("allocation failed; trying the next heap", metadata: ["heap": "\(logical)", "error": "\(error)"])
-                    attempt(index + 1, self.explained(error, target: target, size: size))
+                    attempt(index + 1, self.heapFailed(error, logical: logical, target: target, size: size))
                 case .failure(let error):
                     done(.failure(error))
                 }

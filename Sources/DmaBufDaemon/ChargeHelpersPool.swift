@@ -51,6 +51,12 @@ final class ChargeHelpers: ChargeService {
     private var devices: [String: SharedFD] = [:]
     /// Cgroups a helper could not be moved into, until their last client leaves: no spawn per request.
     private var unplaceable: [String: ChargeUnavailable] = [:]
+    /// Cgroups whose helper timed out, for ``cooldownFactor`` × `charge_timeout` (a timer ends each): no
+    /// new helper there meanwhile, so a client that freezes its cgroup cannot make the loop spawn and
+    /// kill one helper per timeout. Entries outlive the cgroup's clients (reconnecting does not end one);
+    /// at most `charge_helpers_max` helpers can time out per `charge_timeout`, which bounds the count.
+    private var coolingDown: [String: ChargeUnavailable] = [:]
+    static let cooldownFactor = 5
 
     init(loop: EventLoop, logger: Logger, config: DaemonConfig, closer: FDCloser, kernel: KernelBackend, ownCgroup: String,
          cgroupRoot: String = "/sys/fs/cgroup") {
@@ -132,6 +138,7 @@ extension ChargeHelpers {
     /// Spawns a helper and moves it into `cgroup`; throws ``ChargeUnavailable`` saying why it cannot.
     private func start(in cgroup: String) throws -> ChargeHelper {
         if let known = unplaceable[cgroup] { throw known }
+        if let cooling = coolingDown[cgroup] { throw cooling }
         let directory = try placement(cgroup)
         guard helpers.count + dying.count < Int(config.chargeHelpersMax) else {
             throw ChargeUnavailable(errno: .resourceTemporarilyUnavailable,
@@ -236,9 +243,19 @@ extension ChargeHelpers {
     private func timedOut(_ helper: ChargeHelper, _ sequence: UInt32) {
         guard helper.alive, helper.pending.contains(where: { $0.sequence == sequence }) else { return }
         logger.notice("charge helper timed out; killing it", metadata: ["cgroup": "\(helper.cgroup)", "pid": "\(helper.pid)"])
+        coolDown(helper.cgroup)
         retire(helper, failing: ChargeUnavailable(errno: .timedOut,
                                                   description: "the allocation did not finish within charge_timeout (\(config.chargeTimeout)) in the client's cgroup \(helper.cgroup)",
                                                   fix: "the cgroup may be frozen (cgroup.freeze) or starved; thaw it and retry"))
+    }
+
+    private func coolDown(_ cgroup: String) {
+        guard coolingDown[cgroup] == nil else { return }
+        let period = config.chargeTimeout * Self.cooldownFactor
+        coolingDown[cgroup] = ChargeUnavailable(errno: .resourceTemporarilyUnavailable,
+                                                description: "the charge helper in \(cgroup) timed out; no new one starts there for \(period) after that",
+                                                fix: "thaw the cgroup (cgroup.freeze) or give it pids and memory, then retry")
+        _ = loop.schedule(after: period) { [weak self] in self?.coolingDown[cgroup] = nil }
     }
 
     /// Kills `helper`, fails what it still owes, and reaps it once it is gone. Late replies die with its socket.
@@ -265,7 +282,21 @@ extension ChargeHelpers {
             dying[fd] = nil
             return
         }
-        try? loop.register(helper.pidfd.descriptor) { [unowned self] _ in self.reap(fd) }
+        do {
+            try loop.register(helper.pidfd.descriptor) { [unowned self] _ in self.reap(fd) }
+        } catch {
+            // epoll refused the pidfd (ENOMEM, max_user_watches): poll it instead, or the zombie would
+            // keep its charge_helpers_max slot. SIGKILL went out above, so this ends within a few tries.
+            retryReap(fd, after: .milliseconds(10))
+        }
+    }
+
+    private func retryReap(_ fd: CInt, after delay: Duration) {
+        _ = loop.schedule(after: delay) { [weak self] in
+            guard let self, self.dying[fd] != nil else { return }
+            if CDmabufdCharge_reap(fd) != 0 { self.dying[fd] = nil; return }
+            self.retryReap(fd, after: min(delay * 2, .seconds(1)))
+        }
     }
 
     private func reap(_ fd: CInt) {

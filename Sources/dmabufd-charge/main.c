@@ -4,8 +4,9 @@
 // dmabufd spawns one per client cgroup with posix_spawn and then writes its pid into that cgroup's
 // cgroup.procs. The kernel charges heap pages (7.0+ with dma_heap.mem_accounting=1) and shmem pages
 // (memfd, every kernel) to the memory cgroup of the task that allocates or faults them in: this process.
-// It holds no capability (dmabufd keeps none in its ambient or inheritable sets), has no_new_privs, dies
-// with the daemon, and has nothing open but its socket (fd 3) between requests: every request brings the
+// It holds no capability (dmabufd keeps none in its ambient or inheritable sets, and a helper of a dmabufd
+// run as root drops every one it starts with, its bounding set included), has no_new_privs, is not
+// dumpable, dies with the daemon, and has nothing open but its socket (fd 3) between requests: every request brings the
 // device fd it needs. Plain C, no Swift runtime: it starts in about a millisecond and costs ~100 KiB.
 //
 // Wire format (SOCK_SEQPACKET, one request or reply per datagram, host byte order; the two ends are the
@@ -21,6 +22,7 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/dma-heap.h>
 #include <linux/udmabuf.h>
 #include <signal.h>
@@ -31,6 +33,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 enum { OP_HEAP = 1, OP_UDMABUF_OWN = 2, OP_UDMABUF_MEMFD = 3 };
@@ -152,11 +155,33 @@ static void serve(const unsigned char *bytes, size_t length, const int *in, int 
     for (int i = 0; i < 2; i++) if (out[i] >= 0) close(out[i]);
 }
 
+// Under the unit dmabufd runs as its own user and this process starts with no capability. A dmabufd run
+// as root (by hand, or another unit) would exec it with all of them: drop the bounding set while
+// CAP_SETPCAP is still there, then every set. Nothing here needs a capability: the devices come with each
+// request and the cgroup move is the daemon's write. Returns 0 or -1 with errno.
+static int drop_capabilities(void) {
+    struct __user_cap_header_struct header = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+    memset(data, 0, sizeof data);
+    if (syscall(SYS_capget, &header, data) != 0) return -1;
+    if (data[CAP_TO_INDEX(CAP_SETPCAP)].effective & CAP_TO_MASK(CAP_SETPCAP)) {
+        for (int cap = 0; prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0; cap++)
+            if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0) return -1;
+    }
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0) return -1;
+    memset(data, 0, sizeof data);
+    return (int)syscall(SYS_capset, &header, data);
+}
+
 int main(int argc, char **argv) {
     // Dies with the daemon; a daemon that died before this line is noticed through the changed parent.
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) return 1;
     if (argc < 2 || getppid() != (pid_t)strtol(argv[1], NULL, 10)) return 1;
+    if (drop_capabilities() != 0) return 1;
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return 1;
+    // Not dumpable: no core of a process that handled clients' memfds, and no ptrace or /proc/PID/mem
+    // from a process of the same uid without CAP_SYS_PTRACE.
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) return 1;
     // posix_spawn closed everything above the socket already (closefrom); this covers 0-2 too.
     if (close_range(0, SOCKET_FD - 1, 0) != 0 || close_range(SOCKET_FD + 1, ~0U, 0) != 0) return 1;
     static unsigned char bytes[sizeof(struct request) + MAX_RANGES * sizeof(struct range) + 1];

@@ -273,9 +273,24 @@ struct ChargeHelperProcessTests {
         let moved = (try? String(contentsOfFile: f.directory + "/cgroup/x.scope/cgroup.procs", encoding: .utf8)) ?? ""
         #expect(Int32(moved) != nil, "cgroup.procs holds '\(moved)'")
         #expect(f.helpers.helperCount == 1)
+        if let pid = Int32(moved) { Self.expectUnprivileged(pid) }
         f.helpers.clientLeft(cgroup: "/x.scope")
         #expect(f.run { f.helpers.helperCount == 0 }, "the helper was not reaped")
         #expect(Int32(moved).map { kill($0, 0) != 0 } ?? false, "the helper process still exists")
+    }
+
+    /// The helper holds no capability and cannot gain one, not even when the daemon runs as root (these
+    /// tests usually do): then its bounding set is empty too (SECURITY.md, "The daemon's own privileges").
+    static func expectUnprivileged(_ pid: Int32) {
+        let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        func field(_ name: String) -> String? {
+            status.split(separator: "\n").first { $0.hasPrefix(name + ":") }.map { $0.dropFirst(name.count + 1).trimmingCharacters(in: .whitespaces) }
+        }
+        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            #expect(field(set).flatMap { UInt64($0, radix: 16) } == 0, "\(set): \(field(set) ?? "missing")")
+        }
+        if geteuid() == 0 { #expect(field("CapBnd").flatMap { UInt64($0, radix: 16) } == 0, "CapBnd: \(field("CapBnd") ?? "missing")") }
+        #expect(field("NoNewPrivs") == "1")
     }
 
     @Test func aHelperThatDoesNotAnswerTimesOutAndIsKilled() throws {
@@ -292,6 +307,24 @@ struct ChargeHelperProcessTests {
         guard case .failure(let error as ChargeUnavailable) = result else { Issue.record("\(String(describing: result))"); return }
         #expect(error.errno == .timedOut && error.description.contains("charge_timeout"))
         #expect(f.run { f.helpers.helperCount == 0 }, "the silent helper was not killed and reaped")
+
+        // The cgroup cools down: no new helper there (even for a new client) until 5 × charge_timeout passed.
+        f.helpers.clientConnected(cgroup: "/x.scope")
+        defer { f.helpers.clientLeft(cgroup: "/x.scope") }
+        do {
+            try f.helpers.submit(.heap(name: "system", size: 4096, fdFlags: 0, heapFlags: 0), cgroup: "/x.scope") { _ in }
+            Issue.record("a helper was started in a cgroup that is cooling down")
+        } catch let refused as ChargeUnavailable {
+            #expect(refused.errno == .resourceTemporarilyUnavailable && !refused.placement && refused.description.contains("timed out"), "\(refused)")
+        }
+        #expect(f.helpers.helperCount == 0)
+        let started = ContinuousClock.now
+        var submitted = false
+        #expect(f.run {
+            submitted = submitted || (try? f.helpers.submit(.heap(name: "system", size: 4096, fdFlags: 0, heapFlags: 0), cgroup: "/x.scope") { _ in }) != nil
+            return submitted
+        }, "the cgroup never cooled down")
+        #expect(ContinuousClock.now - started >= .milliseconds(300), "the cooldown was shorter than 5 × charge_timeout")
     }
 
     @Test func unplaceableCgroupsAreRefusedWithAReason() throws {

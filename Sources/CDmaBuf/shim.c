@@ -173,7 +173,9 @@ ssize_t CDmaBuf_recv_with_fds(int sock, void *buf, size_t len, int *fds, size_t 
             if (*nfds < capacity) {
                 fds[(*nfds)++] = fd;
             } else {
-                // More than the caller can own: never leak a descriptor into this process.
+                // More than the caller can own: never leak a descriptor into this process. The Swift
+                // side passes room for SCM_MAX_FD, all the control buffer holds, so this does not
+                // happen there (a close here could block on whatever the peer sent).
                 close(fd);
                 (*surplus)++;
             }

@@ -90,7 +90,11 @@ public enum UnixSocket {
         public var bytes: [UInt8]
         /// Descriptors that arrived with it; each `SharedFD` closes its descriptor when dropped.
         public var fds: [SharedFD]
-        /// Descriptors beyond `maxFDs` that arrived and were closed on receipt.
+        /// Descriptors beyond `maxFDs` that arrived with it. They are open: each closes when dropped, on
+        /// the thread that drops it, so a caller that must not block in `close()` (a peer's socket or FUSE
+        /// file can make it block) takes them out and closes them elsewhere (the daemon: its closer).
+        public var surplus: [SharedFD]
+        /// How many descriptors beyond `maxFDs` arrived (`surplus.count` at receipt).
         public var surplusFDs: Int
         /// `MSG_TRUNC`: the datagram was longer than `maxBytes`.
         public var dataTruncated: Bool
@@ -101,10 +105,12 @@ public enum UnixSocket {
     }
 
     /// Receives one message of at most `maxBytes` bytes and `maxFDs` descriptors (`MSG_CMSG_CLOEXEC`).
-    /// Surplus descriptors are closed, never leaked, and counted in ``Message/surplusFDs``.
+    /// Every descriptor the kernel delivered (up to ``maximumDescriptors``; it drops none with room for
+    /// that many) is returned: the first `maxFDs` in ``Message/fds``, the rest in ``Message/surplus``.
+    /// Nothing is closed here.
     public static func receive(_ socket: FileDescriptor, maxBytes: Int, maxFDs: Int = maximumDescriptors, flags: CInt = 0) throws -> Message {
-        var fds = [CInt](repeating: -1, count: max(maxFDs, 1))
-        var count = maxFDs
+        var fds = [CInt](repeating: -1, count: maximumDescriptors)
+        var count = maximumDescriptors
         var surplus = 0
         var messageFlags: CInt = 0
         // Received into a shared scratch buffer and copied out at the message's own size: a fresh 64 KiB
@@ -118,10 +124,12 @@ public enum UnixSocket {
             }
         }
         if let failure { throw DmaBufError("socket", failure, "recvmsg failed") }
+        let kept = min(count, max(maxFDs, 0))
         return Message(
             bytes: bytes,
-            fds: fds[0..<count].map { SharedFD(adopting: $0) },
-            surplusFDs: surplus,
+            fds: fds[0..<kept].map { SharedFD(adopting: $0) },
+            surplus: fds[kept..<count].map { SharedFD(adopting: $0) },
+            surplusFDs: count - kept + surplus,
             dataTruncated: messageFlags & CInt(MSG_TRUNC) != 0,
             controlTruncated: messageFlags & CInt(MSG_CTRUNC) != 0)
     }

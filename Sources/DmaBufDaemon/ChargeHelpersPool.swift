@@ -210,7 +210,7 @@ extension ChargeHelpers {
                   let result = check(reply, message, pending.request) else {
                 // Whatever a helper sent is untrusted (it lives in a cgroup the client controls): the
                 // closer takes it, under a key no client uid has.
-                closer.retire(message.fds, uid: ChargeWire.closerUID)
+                closer.retire(message.fds + message.surplus, uid: ChargeWire.closerUID)
                 return retire(helper, failing: ChargeUnavailable(errno: .badMessage, description: "the charge helper in \(helper.cgroup) sent a reply that makes no sense", fix: "retry"))
             }
             helper.pending.removeFirst()

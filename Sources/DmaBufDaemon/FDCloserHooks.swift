@@ -22,11 +22,12 @@ extension Broker {
     }
 
     /// True while the next message from `uid` fits its closing bound even if it carries nothing but
-    /// unidentified fds (the most a message may carry, and the one the kernel would report as surplus).
+    /// unidentified fds: as many as the kernel delivers with one message (SCM_MAX_FD, 253), the ones past
+    /// what a message may carry included, since those are closed through the closer as well.
     /// A uid at its bound is not read until its closes finish; other uids are read as before. A uid with
     /// nothing in flight is always read, so a bound below one message's fds still lets every uid in.
     func closerHasRoom(for uid: UInt32) -> Bool {
         let inFlight = closer.inFlight(uid: uid)
-        return inFlight == 0 || inFlight + WireLimits.maximumDescriptors + 1 <= Int(config.maxClosingFDsPerUID)
+        return inFlight == 0 || inFlight + UnixSocket.maximumDescriptors <= Int(config.maxClosingFDsPerUID)
     }
 }

@@ -101,8 +101,9 @@ extension Broker {
         }
         var message: UnixSocket.Message
         do {
-            // Room for the most descriptors a message may carry and one more, so the kernel never drops
-            // one silently (MSG_CTRUNC): a surplus shows up as a count, closed by the receive.
+            // Every descriptor the kernel delivered comes back open (the most a message may carry in
+            // `fds`, up to SCM_MAX_FD more in `surplus`): none is closed here, on the loop, before its
+            // kind is known. A surplus makes the message malformed.
             message = try UnixSocket.receive(session.socket.descriptor, maxBytes: WireLimits.maximumMessageSize + 1,
                                              maxFDs: WireLimits.maximumDescriptors + 1, flags: CInt(MSG_DONTWAIT))
         } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
@@ -117,6 +118,9 @@ extension Broker {
         }
         var fds: [SharedFD] = []
         swap(&fds, &message.fds)
+        var surplus: [SharedFD] = []
+        swap(&surplus, &message.surplus)
+        retireClientFDs(consume surplus, uid: session.uid)
         receive(session, message, fds: fds)
         // Whatever the request kept stays open; unidentified kinds are closed off the loop.
         retireClientFDs(consume fds, uid: session.uid)

@@ -33,29 +33,33 @@ import Glibc
         #expect(try Memfd(shared: received).size() == 2 * pageSize)
     }
 
-    @Test func surplusDescriptorsAreClosedAndCounted() throws {
+    @Test func surplusDescriptorsAreReturnedOpenNotClosedOnReceipt() throws {
         let memfds = try (0..<5).map { try Memfd(name: "surplus-\($0)", size: pageSize) }
         let (a, b) = try UnixSocket.pair()
         try UnixSocket.send(a.descriptor, bytes: [1, 2, 3], fds: memfds.map(\.fd.descriptor))
         let before = try openDescriptorCount()
-        let message = try UnixSocket.receive(b.descriptor, maxBytes: 16, maxFDs: 2)
-        // Exactly the two kept descriptors are new in this process: the three surplus ones were closed.
-        #expect(try openDescriptorCount() == before + 2)
+        var message = try UnixSocket.receive(b.descriptor, maxBytes: 16, maxFDs: 2)
+        // All five are open in this process: receive closes nothing (a close could block on what a peer
+        // sent); the caller decides where the three surplus ones are closed.
+        #expect(try openDescriptorCount() == before + 5)
         #expect(message.bytes == [1, 2, 3])
         #expect(message.fds.count == 2)
-        #expect(message.surplusFDs == 3)
-        #expect(!message.controlTruncated)  // the kernel delivered all five; we closed three
+        #expect(message.surplusFDs == 3 && message.surplus.count == 3)
+        #expect(!message.controlTruncated)  // the kernel delivered all five
+        #expect(try inode(of: message.surplus[2].descriptor) == inode(of: memfds[4].fd.descriptor))
+        message.surplus = []
+        #expect(try openDescriptorCount() == before + 2)
         #expect(try inode(of: message.fds[0].descriptor) == inode(of: memfds[0].fd.descriptor))
         #expect(try inode(of: message.fds[1].descriptor) == inode(of: memfds[1].fd.descriptor))
     }
 
-    @Test func zeroMaxFDsClosesEverything() throws {
+    @Test func zeroMaxFDsReturnsEverythingAsSurplus() throws {
         let memfd = try Memfd(name: "none", size: pageSize)
         let (a, b) = try UnixSocket.pair()
         try UnixSocket.send(a.descriptor, bytes: [9], fds: [memfd.fd.descriptor, memfd.fd.descriptor])
         let message = try UnixSocket.receive(b.descriptor, maxBytes: 16, maxFDs: 0)
         #expect(message.fds.isEmpty)
-        #expect(message.surplusFDs == 2)
+        #expect(message.surplusFDs == 2 && message.surplus.count == 2)
         #expect(message.bytes == [9])
     }
 

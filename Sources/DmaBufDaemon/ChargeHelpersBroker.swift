@@ -64,8 +64,10 @@ extension Broker {
             case .success(let record):
                 self.allocateCharged(session, size: size, heap: heap, tag: tag, fdFlags: fdFlags, count: count, made: made + [record], done: done)
             case .failure(let error):
-                // A client that left already had its buffers freed by `disconnect`.
-                if self.isConnected(session) { for record in made { self.discard(record, from: session) } }
+                // A client that left already had its buffers released by `disconnect`. The others are
+                // released, not discarded: while the batch was deferred another connection of the uid
+                // could fetch one, lease it or attach a fence, and it stays charged until those end.
+                if self.isConnected(session) { for record in made { try? self.release(session, record.id) } }
                 done(.failure(error))
             }
         }
@@ -78,6 +80,11 @@ extension Broker {
         do { chain = try heapChain(heap) } catch { return done(.failure(error)) }
         func attempt(_ index: Int, _ lastError: Error?) {
             guard index < chain.count else { return done(.failure(lastError!)) }
+            // After a helper's answer the client may be gone: make nothing more for it (a buffer
+            // registered to a closed connection would have no owner to release it).
+            guard isConnected(session) else {
+                return done(.failure(Refusal(.connectionAbort, .internal, "the client left while its allocation was made")))
+            }
             let (logical, target) = chain[index]
             // A heap the kernel charges to nobody (every heap on 6.12, CMA on every kernel) gains nothing
             // from a helper: it is made here, warm pools included, as for a client in dmabufd's cgroup.

@@ -191,6 +191,47 @@ struct ChargeTests {
         }
     }
 
+    /// A batch that fails half-way releases what it made: another connection of the uid that fetched one
+    /// while the batch was deferred keeps it, charged, until it lets go (it was discarded and uncharged,
+    /// and the fetched fd held memory nobody was charged for).
+    @Test func aFailedBatchReleasesWhatAnotherConnectionFetched() throws {
+        try BrokerHarness.charged { h, charger in
+            let client = try h.connect(version: 2, cgroup: "/b.scope")
+            let other = try h.connect(version: 2, cgroup: "/b.scope")
+            _ = try client.send(.allocateBatch(AllocateBatchRequest(count: 3, size: 4096, heap: "system", tag: "b")))
+            #expect(h.pump(until: { charger.jobs.count == 1 }))
+            try charger.complete()
+            let id = try #require(h.broker.buffers.values.first?.id)
+            let (fetched, fds) = try other.request(.fetch(FetchRequest(buffer: id, token: 0)))
+            guard case .buffer = fetched, fds.count == 1 else { Issue.record("fetch while the batch is deferred: \(fetched)"); return }
+            #expect(h.pump(until: { charger.jobs.count == 1 }))
+            charger.fail(.timedOut, "the allocation did not finish within charge_timeout")
+            guard case .error = try #require(try client.receive()).1 else { Issue.record("the batch did not fail"); return }
+            h.pump(iterations: 10, waitMilliseconds: 1)
+            #expect(h.broker.buffers[id] != nil, "a buffer another connection holds was dropped from the books")
+            #expect(h.broker.books.usage[1000]?.buffers == 1)
+            // Released by the failed batch, so it drains: freed (and uncharged) once the fetched fd is closed.
+            _ = consume fds
+            #expect(h.pump(until: { h.broker.buffers.isEmpty }), "the buffer was not freed once nobody held it")
+        }
+    }
+
+    /// The client leaves while a helper works on the first heap of its chain; the helper then fails, and
+    /// the next heap of the chain (made in the daemon) is not tried for a connection that is gone.
+    @Test func noFallbackHeapIsTriedForAClientThatLeft() throws {
+        try BrokerHarness.charged({ $0.policies["chain"] = ["system", "cma"] }) { h, charger in
+            let client = try h.connect(cgroup: "/gone.scope")
+            _ = try client.send(.allocate(AllocateRequest(size: 4096, heap: "chain", tag: "c")))
+            #expect(h.pump(until: { charger.jobs.count == 1 }))
+            client.close()
+            #expect(h.pump(until: { h.broker.sessions.isEmpty }))
+            // The kernel's refusal in the helper (as ChargeHelpers.check reports it): the chain goes on.
+            charger.jobs.removeFirst().done(.failure(DmaBufError("dma-heap", .noMemory, "DMA_HEAP_IOCTL_ALLOC failed in the client's cgroup")))
+            h.pump(iterations: 10, waitMilliseconds: 1)
+            #expect(h.broker.buffers.isEmpty, "a buffer was made for a connection that is gone")
+        }
+    }
+
     @Test func bestEffortFallsBackAndCounts() throws {
         try BrokerHarness.charged { h, charger in
             charger.unplaceable = true

@@ -14,7 +14,7 @@ extension Broker {
         try Validate.tag(a.tag)
         try Validate.size(a.size, config: config)
         try Validate.allocationFlags(fdFlags: a.fdFlags, heapFlags: a.heapFlags)
-        try admit(session, size: a.size, daemonMemfd: firstTargetIsDaemonMemfd(a.heap))
+        try admit(session, size: a.size, daemonMemfd: !chargesClient(session) && firstTargetIsDaemonMemfd(a.heap))
         if chargesClient(session) {
             return deferAdmitted(session, bytes: a.size, buffers: 1) { reply in
                 allocateCharged(session, size: a.size, heap: a.heap, tag: a.tag, fdFlags: a.fdFlags, count: 1) { [unowned self] result in
@@ -35,7 +35,7 @@ extension Broker {
         guard (1...UInt16(WireLimits.maximumBatchCount)).contains(b.count) else {
             throw Refusal(.invalidArgument, .invalidArgument, "count \(b.count) is outside 1...\(WireLimits.maximumBatchCount)")
         }
-        try admit(session, size: b.size, count: UInt32(b.count), daemonMemfd: firstTargetIsDaemonMemfd(b.heap))
+        try admit(session, size: b.size, count: UInt32(b.count), daemonMemfd: !chargesClient(session) && firstTargetIsDaemonMemfd(b.heap))
         if chargesClient(session) {
             return deferAdmitted(session, bytes: b.size &* UInt64(b.count), buffers: UInt32(b.count)) { reply in  // admit checked the product
                 allocateCharged(session, size: b.size, heap: b.heap, tag: b.tag, fdFlags: b.fdFlags, count: Int(b.count)) { [unowned self] result in
@@ -134,7 +134,8 @@ extension Broker {
             throw Refusal(.overflow, .invalidArgument, "size \(u.size) rounded up to \(unit) bytes overflows 64 bits", fix: "ask for less")
         }
         try Validate.size(sum / unit * unit, config: config)
-        try admit(session, size: sum / unit * unit, daemonMemfd: true)
+        // A helper makes the memfd in the client's cgroup: not dmabufd's memory (a fallback is checked there).
+        try admit(session, size: sum / unit * unit, daemonMemfd: !chargesClient(session))
         guard resolver.chain(for: "udmabuf").first != nil else {
             throw Refusal(.noSuchFileOrDirectory, .noHeap, "udmabuf is not available", fix: "the kernel needs CONFIG_UDMABUF")
         }

@@ -103,9 +103,12 @@ extension Broker {
     }
 
     /// `max_daemon_memfd_bytes`: memfds dmabufd makes are charged to dmabufd's own cgroup, whoever asked,
-    /// so together they are bounded.
+    /// so together they are bounded. Memfds a charge helper made (in the client's cgroup, charged there)
+    /// are not dmabufd's memory and do not count.
     func admitDaemonMemfd(_ total: UInt64) throws {
-        let held = buffers.values.reduce(UInt64(0)) { $1.memfdOwnedByDaemon ? $0 &+ $1.size : $0 }
+        let held = buffers.values.reduce(UInt64(0)) { sum, record in
+            record.memfdOwnedByDaemon && books.charges[record.id]?.inCgroup != true ? sum &+ record.size : sum
+        }
         guard held > config.maxDaemonMemfdBytes || total > config.maxDaemonMemfdBytes - held else { return }
         throw Refusal(.noMemory, .limit,
                       "dmabufd's own memfds hold \(ByteCount(Int(clamping: held))); \(ByteCount(Int(clamping: total))) more would pass max_daemon_memfd_bytes \(ByteCount(Int(clamping: config.maxDaemonMemfdBytes)))",

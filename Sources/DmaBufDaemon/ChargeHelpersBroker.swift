@@ -184,6 +184,7 @@ extension Broker {
         case .heap(let name, let size, let fdFlags, let heapFlags):
             return ChargeReply(buffer: try kernel.allocate(heap: name, size: size, fdFlags: fdFlags, heapFlags: heapFlags))
         case .udmabuf(let size, let huge):
+            try admitDaemonMemfd(size)  // dmabufd's own memfd after all
             let made = try kernel.createUDmabuf(size: size, hugePages: huge)
             return ChargeReply(buffer: made.buffer, memfd: made.memfd)
         case .udmabufFromMemfds(let memfds, let ranges):

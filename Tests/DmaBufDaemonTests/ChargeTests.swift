@@ -232,6 +232,29 @@ struct ChargeTests {
         }
     }
 
+    /// Memfds a helper makes are charged to the client's cgroup: they do not use up max_daemon_memfd_bytes,
+    /// which bounds what dmabufd itself is charged for; a best-effort fallback (made here) still does.
+    @Test func helperMadeMemfdsAreNotTheDaemonsMemfds() throws {
+        try BrokerHarness.charged({ $0.maxDaemonMemfdBytes = 8 << 20 }) { h, charger in
+            let client = try h.connect(cgroup: "/u.scope")
+            var ids: [BufferID] = []
+            for _ in 0..<3 {
+                _ = try client.send(.createUDmabuf(UDmabufRequest(size: 4 << 20, tag: "u")))
+                #expect(h.pump(until: { charger.jobs.count == 1 }))
+                try charger.complete()
+                guard case .buffer(let info) = try #require(try client.receive()).1 else { Issue.record("no buffer"); return }
+                ids.append(info.id)
+            }
+            charger.unplaceable = true  // best-effort: made in the daemon, bounded
+            guard case .buffer(let here) = try client.request(.createUDmabuf(UDmabufRequest(size: 4 << 20, tag: "d"))).0 else {
+                Issue.record("the best-effort udmabuf was refused"); return
+            }
+            ids.append(here.id)
+            try client.expectRefusal(.createUDmabuf(UDmabufRequest(size: 8 << 20, tag: "d")), .noMemory, .limit, "max_daemon_memfd_bytes")
+            for id in ids { try client.expectOK(.release(id)) }
+        }
+    }
+
     @Test func bestEffortFallsBackAndCounts() throws {
         try BrokerHarness.charged { h, charger in
             charger.unplaceable = true

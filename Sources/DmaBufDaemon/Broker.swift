@@ -194,7 +194,7 @@ public final class Broker: @unchecked Sendable {
     func handle(_ session: ClientSession, _ request: Request, fds: [SharedFD]) throws -> (Response?, [SharedFD]) {
         switch request {
         case .hello(let h): return (.hello(try negotiate(session, h)), [])
-        case .listHeaps: return (.heaps(listHeaps()), [])
+        case .listHeaps: return (.heaps(listHeaps(for: session.uid)), [])
         case .allocate(let a): return try allocate(session, a)
         case .allocateBatch(let b): return try allocateBatch(session, b)
         case .releaseQuiet(let ids): releaseQuiet(session, ids); return (nil, [])

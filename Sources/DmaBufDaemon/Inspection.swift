@@ -6,14 +6,17 @@ extension Broker {
     // MARK: - Inspection family: list_heaps, list, info, stats
 
     /// v2 adds each heap's total and free bytes (0: unknown) and whether the kernel charges its pages to
-    /// a memory cgroup; encoding for a v1 session leaves them out.
-    func listHeaps() -> HeapsReply {
+    /// a memory cgroup; encoding for a v1 session leaves them out. Usage is every uid's for root and the
+    /// asker's own otherwise, as in `stats`.
+    func listHeaps(for uid: UInt32) -> HeapsReply {
         // With hotplug monitoring the heap set is current; without it, a listing is when to look again.
         if udev == nil { rescanHeapsIfDue() }
         let memAccounting = kernel.memAccounting()
+        let usage = uid == 0 ? books.heapUsage
+            : Dictionary(books.heapStats(only: uid).map { ($0.heap, (bytes: $0.bytes, buffers: $0.buffers)) }, uniquingKeysWith: { a, _ in a })
         let heaps = resolver.heaps.map { heap -> HeapInfo in
             var info = heap
-            let used = books.heapUsage[heap.name] ?? (0, 0)
+            let used = usage[heap.name] ?? (0, 0)
             info.allocatedBytes = used.bytes
             info.buffers = used.buffers
             let totals = kernel.heapTotals(kind: heap.kind)

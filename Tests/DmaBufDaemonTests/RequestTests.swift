@@ -83,6 +83,13 @@ struct RequestTests {
         #expect(heaps.heaps.contains { $0.name == "cma" })
         #expect(heaps.heaps.contains { $0.name == "udmabuf" })
         #expect(heaps.policies.contains { $0.name == "any" })
+        // Another uid sees its own usage (none), root sees everyone's: list_heaps tells no uid another's.
+        let (other, _) = try h.connect(uid: 1001).request(.listHeaps)
+        guard case .heaps(let theirs) = other else { Issue.record("\(other)"); return }
+        #expect(theirs.heaps.allSatisfy { $0.allocatedBytes == 0 && $0.buffers == 0 }, "\(theirs.heaps)")
+        let (root, _) = try h.connect(uid: 0).request(.listHeaps)
+        guard case .heaps(let all) = root else { Issue.record("\(root)"); return }
+        #expect(all.heaps.contains { $0.name == "system" && $0.allocatedBytes == 8192 && $0.buffers == 1 })
         _ = buffer
         }
     }

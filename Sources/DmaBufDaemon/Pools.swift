@@ -52,6 +52,8 @@ final class Pools: @unchecked Sendable {  // loop-confined; the worker reaches i
     private(set) var bytes: UInt64 = 0
     private(set) var served = 0
     private var suspended = false
+    /// Set by stop(): refills that come back later are dropped, never counted.
+    private var stopped = false
     private var lastServed = ContinuousClock.now
     private var quietTimer: UInt64?
     /// How long no pooled buffer must have been handed out before refills start. A refill is the kernel
@@ -129,6 +131,8 @@ final class Pools: @unchecked Sendable {  // loop-confined; the worker reaches i
 
     /// A refill came back (on the loop). Kept only while its pool is still configured and serving.
     private func filled(_ spec: PoolSpec, _ result: Result<SharedFD, any Error>) {
+        // After stop() (the loop's last turns at shutdown) the books are gone: the buffer, if any, closes here.
+        guard !stopped else { return }
         filling[spec, default: 1] -= 1
         switch result {
         case .success(let fd) where specs.contains(spec) && !suspended:
@@ -149,7 +153,9 @@ final class Pools: @unchecked Sendable {  // loop-confined; the worker reaches i
         quietTimer = nil
         specs = []
         ready = [:]
+        filling = [:]
         bytes = 0
+        stopped = true
         worker?.stop()
     }
 }

@@ -229,8 +229,18 @@ enum CgroupChargeTests {
                 let answer = try frozen.answer()
                 try expect(answer.hasPrefix("err ETIMEDOUT") && answer.contains("charge_timeout"), "the frozen helper's request answered: \(answer)")
                 _ = Harness.writeFile(clientCgroup + "/cgroup.freeze", "0")
-                // The timed-out helper was killed; the next request gets a new one.
-                try frozen.ok("udmabuf \(mib)")
+                // The timed-out helper was killed, and its cgroup cools down: for 5 × charge_timeout no new
+                // helper starts there (EAGAIN saying so); after that the next request gets a new one.
+                try frozen.start("udmabuf \(mib)")
+                let cooling = try frozen.answer()
+                try expect(cooling.hasPrefix("err EAGAIN") && cooling.contains("timed out"), "right after the timeout: \(cooling)")
+                var again = cooling
+                for _ in 0..<40 where !again.hasPrefix("ok") {
+                    usleep(500_000)
+                    try frozen.start("udmabuf \(mib)")
+                    again = try frozen.answer()
+                }
+                try expect(again.hasPrefix("ok"), "after the cooldown: \(again)")
                 try expect(waitUntil { ProcessFacts.helpers(of: daemon.pid).count == 2 }, "helpers: \(ProcessFacts.helpers(of: daemon.pid))")
             }
         },

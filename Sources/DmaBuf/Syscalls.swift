@@ -124,8 +124,11 @@ internal enum Sys {
         _ fd: FileDescriptor, _ buffer: UnsafeMutableRawBufferPointer, _ fds: inout [CInt],
         count: inout Int, surplus: inout Int, messageFlags: inout CInt, flags: CInt
     ) -> Result<Int, Errno> {
-        retrying {
-            var n = count
+        // The shim overwrites the count it is given, so a retry after EINTR must start from the capacity
+        // again (from the count it returned, 0, every fd would be closed as surplus).
+        let capacity = count
+        return retrying {
+            var n = capacity
             var extra = 0
             let r = fds.withUnsafeMutableBufferPointer {
                 CDmaBuf_recv_with_fds(fd.rawValue, buffer.baseAddress, buffer.count, $0.baseAddress, &n, &extra, &messageFlags, flags)

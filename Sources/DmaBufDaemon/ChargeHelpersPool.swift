@@ -194,7 +194,7 @@ extension ChargeHelpers {
     /// client controls.
     private func readable(_ helper: ChargeHelper) {
         while helper.alive {
-            let message: UnixSocket.Message
+            var message: UnixSocket.Message
             do {
                 message = try UnixSocket.receive(helper.socket.descriptor, maxBytes: ChargeWire.replySize + 1, maxFDs: 2, flags: CInt(MSG_DONTWAIT))
             } catch let error as DmaBufError where error.errno == .wouldBlock || error.errno == .resourceTemporarilyUnavailable {
@@ -210,7 +210,13 @@ extension ChargeHelpers {
                   let result = check(reply, message, pending.request) else {
                 // Whatever a helper sent is untrusted (it lives in a cgroup the client controls): the
                 // closer takes it, under a key no client uid has.
-                closer.retire(message.fds + message.surplus, uid: ChargeWire.closerUID)
+                // Moved, not copied: the loop keeps no reference that could make it the last closer.
+                var fds: [SharedFD] = [], surplus: [SharedFD] = []
+                swap(&fds, &message.fds)
+                swap(&surplus, &message.surplus)
+                fds.append(contentsOf: surplus)
+                surplus = []
+                closer.retire(consume fds, uid: ChargeWire.closerUID)
                 return retire(helper, failing: ChargeUnavailable(errno: .badMessage, description: "the charge helper in \(helper.cgroup) sent a reply that makes no sense", fix: "retry"))
             }
             helper.pending.removeFirst()

@@ -53,6 +53,37 @@ import Glibc
         #expect(try inode(of: message.fds[1].descriptor) == inode(of: memfds[1].fd.descriptor))
     }
 
+    /// A signal without SA_RESTART interrupts a blocking receive (EINTR); the retry must still take the
+    /// fds (it used to retry with room for none and closed every one as surplus).
+    @Test func aReceiveInterruptedBySignalKeepsItsDescriptors() throws {
+        var action = sigaction()
+        action.__sigaction_handler.sa_handler = { _ in }
+        action.sa_flags = 0  // no SA_RESTART: recvmsg fails with EINTR
+        var old = sigaction()
+        #expect(sigaction(SIGUSR2, &action, &old) == 0)
+        defer { _ = sigaction(SIGUSR2, &old, nil) }
+        // The test runs on a pool thread that blocks most signals: let this one through while it waits.
+        var unblock = sigset_t(), previous = sigset_t()
+        sigemptyset(&unblock)
+        sigaddset(&unblock, SIGUSR2)
+        #expect(pthread_sigmask(SIG_UNBLOCK, &unblock, &previous) == 0)
+        defer { _ = pthread_sigmask(SIG_SETMASK, &previous, nil) }
+        let memfd = try Memfd(name: "eintr", size: pageSize)
+        let (a, b) = try UnixSocket.pair()
+        let receiver = pthread_self()
+        let sender = a, fd = memfd.fd
+        let helper = try PlainThread {
+            usleep(100_000)
+            _ = pthread_kill(receiver, SIGUSR2)
+            usleep(100_000)
+            _ = try? UnixSocket.send(sender.descriptor, bytes: [5], fds: [fd.descriptor])
+        }
+        defer { helper.join() }
+        let message = try UnixSocket.receive(b.descriptor, maxBytes: 16, maxFDs: 2)
+        #expect(message.bytes == [5])
+        #expect(message.fds.count == 1 && message.surplusFDs == 0)
+    }
+
     @Test func zeroMaxFDsReturnsEverythingAsSurplus() throws {
         let memfd = try Memfd(name: "none", size: pageSize)
         let (a, b) = try UnixSocket.pair()

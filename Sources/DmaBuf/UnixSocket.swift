@@ -100,6 +100,15 @@ public enum UnixSocket {
         public var dataTruncated: Bool
         /// `MSG_CTRUNC`: the kernel dropped descriptors that did not fit the control buffer.
         public var controlTruncated: Bool
+        /// Moves every descriptor out (``fds`` then ``surplus``), leaving the message holding none: whoever
+        /// takes them decides where the last close happens.
+        public mutating func takeDescriptors() -> [SharedFD] {
+            var all: [SharedFD] = []
+            swap(&all, &fds)
+            all.append(contentsOf: surplus)
+            surplus = []
+            return all
+        }
         /// True when the peer closed the connection.
         public var isEndOfStream: Bool { bytes.isEmpty && fds.isEmpty && !dataTruncated }
     }

@@ -192,16 +192,20 @@ struct Accounting {
         }
     }
 
+    /// Bytes and buffers per heap, every uid's or only `uid`'s charges.
+    func heapTotals(only uid: UInt32?) -> [String: (bytes: UInt64, buffers: UInt32)] {
+        guard let uid else { return heapUsage }
+        var totals: [String: (bytes: UInt64, buffers: UInt32)] = [:]
+        for charge in charges.values where charge.uid == uid {
+            totals[charge.heap, default: (0, 0)].bytes &+= charge.size
+            totals[charge.heap, default: (0, 0)].buffers &+= 1
+        }
+        return totals
+    }
+
     /// Per-heap usage, optionally only for `uid`'s charges.
     func heapStats(only uid: UInt32?) -> [HeapStats] {
-        var totals: [String: (bytes: UInt64, buffers: UInt32)] = heapUsage
-        if let uid {
-            totals = [:]
-            for charge in charges.values where charge.uid == uid {
-                totals[charge.heap, default: (0, 0)].bytes &+= charge.size
-                totals[charge.heap, default: (0, 0)].buffers &+= 1
-            }
-        }
+        let totals = heapTotals(only: uid)
         let names = Set(totals.keys).union(uid == nil ? Set(heapFailures.keys) : [])
         return names.sorted().map {
             HeapStats(heap: $0, bytes: totals[$0]?.bytes ?? 0, buffers: totals[$0]?.buffers ?? 0, failures: uid == nil ? heapFailures[$0] ?? 0 : 0)

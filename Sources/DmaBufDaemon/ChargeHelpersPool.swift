@@ -211,12 +211,7 @@ extension ChargeHelpers {
                 // Whatever a helper sent is untrusted (it lives in a cgroup the client controls): the
                 // closer takes it, under a key no client uid has.
                 // Moved, not copied: the loop keeps no reference that could make it the last closer.
-                var fds: [SharedFD] = [], surplus: [SharedFD] = []
-                swap(&fds, &message.fds)
-                swap(&surplus, &message.surplus)
-                fds.append(contentsOf: surplus)
-                surplus = []
-                closer.retire(consume fds, uid: ChargeWire.closerUID)
+                closer.retire(message.takeDescriptors(), uid: ChargeWire.closerUID)
                 return retire(helper, failing: ChargeUnavailable(errno: .badMessage, description: "the charge helper in \(helper.cgroup) sent a reply that makes no sense", fix: "retry"))
             }
             helper.pending.removeFirst()

@@ -12,8 +12,7 @@ extension Broker {
         // With hotplug monitoring the heap set is current; without it, a listing is when to look again.
         if udev == nil { rescanHeapsIfDue() }
         let memAccounting = kernel.memAccounting()
-        let usage = uid == 0 ? books.heapUsage
-            : Dictionary(books.heapStats(only: uid).map { ($0.heap, (bytes: $0.bytes, buffers: $0.buffers)) }, uniquingKeysWith: { a, _ in a })
+        let usage = books.heapTotals(only: uid == 0 ? nil : uid)
         let heaps = resolver.heaps.map { heap -> HeapInfo in
             var info = heap
             let used = usage[heap.name] ?? (0, 0)

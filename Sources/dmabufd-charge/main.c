@@ -164,12 +164,12 @@ static int drop_capabilities(void) {
     struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
     memset(data, 0, sizeof data);
     if (syscall(SYS_capget, &header, data) != 0) return -1;
-    // Nothing held (the unit's case): nothing to drop, and no capset, which a stricter seccomp filter or
-    // an LSM may refuse. The bounding set cannot be lowered without CAP_SETPCAP, and no_new_privs (set
-    // next) keeps an exec from using it.
+    // Nothing held (the unit's case): nothing to drop (the ambient set is a subset of permitted), and no
+    // capset, which a stricter seccomp filter or an LSM may refuse. The bounding set cannot be lowered
+    // without CAP_SETPCAP, and no_new_privs (set next) keeps an exec from using it.
     int held = 0;
     for (int i = 0; i < _LINUX_CAPABILITY_U32S_3; i++) held |= (data[i].permitted | data[i].effective | data[i].inheritable) != 0;
-    if (!held) return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) == 0 || errno == EINVAL ? 0 : -1;
+    if (!held) return 0;
     if (data[CAP_TO_INDEX(CAP_SETPCAP)].effective & CAP_TO_MASK(CAP_SETPCAP)) {
         for (int cap = 0; prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0; cap++)
             if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0) return -1;

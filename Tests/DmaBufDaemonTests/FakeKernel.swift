@@ -58,14 +58,16 @@ final class FakeKernel: KernelBackend {
     }
 
     /// fds of this process open on the buffer's file: same device and inode (one fstat per fd, no
-    /// readlink: the request-handling fuzzer calls this on every free).
+    /// readlink, no array: the request-handling fuzzer calls this on every free).
     func referenceCount(_ buffer: SharedFD) -> Int? {
         var target = stat()
         guard fstat(buffer.descriptor.rawValue, &target) == 0 else { return nil }
-        return FakeKernel.openFDs().filter { fd in
+        var count = 0
+        FakeKernel.forEachOpenFD { fd in
             var st = stat()
-            return fstat(fd, &st) == 0 && st.st_ino == target.st_ino && st.st_dev == target.st_dev
-        }.count
+            if fstat(fd, &st) == 0 && st.st_ino == target.st_ino && st.st_dev == target.st_dev { count += 1 }
+        }
+        return count
     }
 
     func exporter(_ buffer: SharedFD) -> String? { kind(of: buffer) == .dmaBuf ? "fake" : nil }
@@ -124,7 +126,29 @@ final class FakeKernel: KernelBackend {
     }
 
     static func openFDs() -> [CInt] {
-        ((try? SmallFiles.entries(of: "/proc/self/fd")) ?? []).compactMap { CInt($0) }
+        var fds: [CInt] = []
+        forEachOpenFD { fds.append($0) }
+        return fds
+    }
+
+    /// Calls `body` with every fd of this process but the one listing /proc/self/fd, read with readdir
+    /// and parsed in place: no String per entry (the fuzzer lists the fds two or more times per input).
+    static func forEachOpenFD(_ body: (CInt) -> Void) {
+        guard let dir = opendir("/proc/self/fd") else { return }
+        defer { closedir(dir) }
+        let own = dirfd(dir)
+        while let entry = readdir(dir) {
+            let fd: CInt? = withUnsafeBytes(of: entry.pointee.d_name) { name in
+                var value: CInt = 0
+                for byte in name {
+                    if byte == 0 { break }
+                    guard byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9") else { return nil }
+                    value = value * 10 + CInt(byte - UInt8(ascii: "0"))
+                }
+                return name.first == 0 ? nil : value
+            }
+            if let fd, fd != own { body(fd) }
+        }
     }
 }
 

@@ -43,6 +43,9 @@ public protocol KernelBackend: AnyObject {
     func facts(_ buffer: SharedFD) throws -> BufferFacts
     /// fdinfo's first `count:` line, range-checked; nil when unreadable or unexpected.
     func referenceCount(_ buffer: SharedFD) -> Int?
+    /// ``referenceCount(_:)`` of each, in order (`list` asks for a page at once; a fake can answer it
+    /// with one pass over its fds).
+    func referenceCounts(_ buffers: [SharedFD]) -> [Int?]
     /// fdinfo's first `exp_name:` line.
     func exporter(_ buffer: SharedFD) -> String?
     /// The fd's kind, without touching the file's driver or filesystem.
@@ -64,6 +67,11 @@ public protocol KernelBackend: AnyObject {
     /// A heap allocation that is safe to call from another thread (the warm pools' refill thread), sharing
     /// no state with the rest of the backend; nil where there is none.
     func heapAllocator() -> HeapAllocator?
+}
+
+extension KernelBackend {
+    /// One fdinfo read per buffer: the kernel has no batch form.
+    public func referenceCounts(_ buffers: [SharedFD]) -> [Int?] { buffers.map(referenceCount) }
 }
 
 /// `DMA_HEAP_IOCTL_ALLOC` of `size` bytes (read-write, close-on-exec) on heap `heap`, from any one thread.

@@ -37,22 +37,33 @@ extension Broker {
             $0.id > after
                 && (all || $0.ownerSession == session.id || session.fetched.contains($0.id) || ($0.ownerUID == uid && $0.ownerSession == nil))
         }
-        // As many as fit one message; the client asks again after the last id while `more` is set.
+        // As many as fit one message, at most `listPageEntries`; the client asks again after the last id
+        // while `more` is set. The page is picked first (an entry's size does not depend on its
+        // reference count), then its references are read in one call: one fdinfo read per entry.
         var budget = WireLimits.maximumMessageSize - WireLimits.headerSize - 4 - 1
+        var picked: [BufferRecord] = []
         var page: [BufferInfo] = []
         var more = false
         for record in records.sorted(by: { $0.id < $1.id }) {
-            let item = info(record, for: session, references: true)
+            let item = info(record, for: session)
             let size = WireMessage.encodedSize(of: item, version: session.version ?? WireLimits.baseVersion)
-            guard size <= budget, page.count < WireLimits.maximumListEntries else {
+            guard size <= budget, page.count < Broker.listPageEntries else {
                 more = true
                 break
             }
             budget -= size
+            picked.append(record)
             page.append(item)
+        }
+        for (index, count) in kernel.referenceCounts(picked.map(\.fd)).enumerated() {
+            page[index].externalReferences = UInt32(clamping: external(count, of: picked[index]) ?? 0)
         }
         return (.list(page, more: more), [])
     }
+
+    /// Entries in one `list` reply: each costs an fdinfo read on the loop, so a client holding
+    /// thousands of buffers gets them a page at a time (docs/SECURITY.md, gap 12).
+    static let listPageEntries = 256
 
     /// Like `fetch`, the reply carries the buffer only while it is not revoked.
     func info(_ session: ClientSession, _ id: BufferID) throws -> (Response, [SharedFD]) {
@@ -76,8 +87,12 @@ extension Broker {
     /// References to the buffer's file outside the daemon: fdinfo's first `count` less the daemon's own
     /// and systemd's stored copy. nil when fdinfo cannot be trusted (the caller keeps the charge).
     func externalReferences(_ record: BufferRecord) -> Int? {
-        guard let count = kernel.referenceCount(record.fd) else { return nil }
-        return max(count - 1 - (record.stored ? 1 : 0), 0)
+        external(kernel.referenceCount(record.fd), of: record)
+    }
+
+    /// A reference count less the daemon's own and systemd's stored copy.
+    private func external(_ count: Int?, of record: BufferRecord) -> Int? {
+        count.map { max($0 - 1 - (record.stored ? 1 : 0), 0) }
     }
 
     /// Root sees everything; anyone else sees only its own uid's usage, failures and heap totals. The reply

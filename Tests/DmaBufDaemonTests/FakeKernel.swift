@@ -70,6 +70,23 @@ final class FakeKernel: KernelBackend {
         return count
     }
 
+    /// The same counts for a page of buffers from one pass over the fds (a `list` asks for up to 256).
+    func referenceCounts(_ buffers: [SharedFD]) -> [Int?] {
+        struct File: Hashable { let device: UInt64, inode: UInt64 }
+        func file(_ fd: CInt) -> File? {
+            var st = stat()
+            return fstat(fd, &st) == 0 ? File(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) : nil
+        }
+        let targets = buffers.map { file($0.descriptor.rawValue) }
+        guard targets.contains(where: { $0 != nil }) else { return targets.map { _ in nil } }
+        var counts: [File: Int] = [:]
+        for target in targets.compactMap({ $0 }) { counts[target] = 0 }
+        FakeKernel.forEachOpenFD { fd in
+            if let open = file(fd), let count = counts[open] { counts[open] = count + 1 }
+        }
+        return targets.map { $0.flatMap { counts[$0] } }
+    }
+
     func exporter(_ buffer: SharedFD) -> String? { kind(of: buffer) == .dmaBuf ? "fake" : nil }
 
     func kind(of fd: SharedFD) -> FdKind {

@@ -244,6 +244,32 @@ struct RequestTests {
         }
     }
 
+    /// A page holds at most `Broker.listPageEntries` buffers (each costs an fdinfo read on the loop), and
+    /// every entry carries its reference count, read for the page at once.
+    @Test func listPagesAreCappedAndCarryReferences() throws {
+        try BrokerHarness.scenario() { h in
+        let client = try h.connect(uid: 1000)
+        var held: [SharedFD] = []
+        for _ in 0..<(Broker.listPageEntries + 44) { held.append(try client.allocate().1) }
+        guard case .list(let first, let more) = try client.request(.list(all: false, after: 0)).0 else {
+            Issue.record("list answered otherwise"); return
+        }
+        #expect(first.count == Broker.listPageEntries && more)
+        // The client's fd is the one reference outside the daemon, as info reports it.
+        #expect(first.allSatisfy { $0.externalReferences == 1 })
+        held.removeFirst(10)
+        guard case .list(let again, _) = try client.request(.list(all: false, after: 0)).0,
+              case .buffer(let info) = try client.request(.info(again[0].id)).0 else { Issue.record("list or info answered otherwise"); return }
+        #expect(again.prefix(10).allSatisfy { $0.externalReferences == 0 } && again[10].externalReferences == 1)
+        #expect(info.externalReferences == 0)
+        guard case .list(let rest, let done) = try client.request(.list(all: false, after: first.last!.id)).0 else {
+            Issue.record("list answered otherwise"); return
+        }
+        #expect(rest.count == 44 && !done)
+        held.removeAll()
+        }
+    }
+
     @Test func infoReadsReferencesAndRefusesRevoked() throws {
         try BrokerHarness.scenario() { h in
         let client = try h.connect()

@@ -43,8 +43,8 @@ public protocol KernelBackend: AnyObject {
     func facts(_ buffer: SharedFD) throws -> BufferFacts
     /// fdinfo's first `count:` line, range-checked; nil when unreadable or unexpected.
     func referenceCount(_ buffer: SharedFD) -> Int?
-    /// ``referenceCount(_:)`` of each, in order (`list` asks for a page at once; a fake can answer it
-    /// with one pass over its fds).
+    /// ``referenceCount(_:)`` of each: exactly one per buffer, in order (`list` asks for a page at
+    /// once; the Linux backend reads fdinfo per buffer, a fake can answer with one pass over its fds).
     func referenceCounts(_ buffers: [SharedFD]) -> [Int?]
     /// fdinfo's first `exp_name:` line.
     func exporter(_ buffer: SharedFD) -> String?

@@ -304,6 +304,12 @@ public struct DaemonConfig: Sendable, Equatable {
             pools.append(spec)
         case "pool_max_bytes":
             poolMaxBytes = try v.size()
+        case "max_shares_per_buffer":
+            // Every buffer_info lists the uids its buffer is shared with, and a decoder takes at most
+            // 4,000 entries in a list: a larger bound would make list and info replies undecodable.
+            let n = try v.positiveCount()
+            guard n <= 4_000 else { throw ConfigValueError(text: "'\(v.text)' must be at most 4000 (a buffer's info lists every uid)") }
+            maxSharesPerBuffer = n
         case let name where Self.boundKeys[name] != nil:
             self[keyPath: Self.boundKeys[name]!] = try v.positiveCount()
         default:

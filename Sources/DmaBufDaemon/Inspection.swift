@@ -1,4 +1,5 @@
 import DmaBuf
+import HeapModule
 import DmaBufWire
 import SystemPackage
 
@@ -33,10 +34,6 @@ extension Broker {
         if all && uid != 0 {
             throw Refusal(.notPermitted, .permissionDenied, "listing every buffer is for root", fix: "list your own without --all")
         }
-        let records = buffers.values.filter {
-            $0.id > after
-                && (all || $0.ownerSession == session.id || session.fetched.contains($0.id) || ($0.ownerUID == uid && $0.ownerSession == nil))
-        }
         // As many as fit one message, at most `listPageEntries`; the client asks again after the last id
         // while `more` is set. The page is picked first (an entry's size does not depend on its
         // reference count), then its references are read in one call: one fdinfo read per entry.
@@ -44,7 +41,8 @@ extension Broker {
         var picked: [BufferRecord] = []
         var page: [BufferInfo] = []
         var more = false
-        for record in records.sorted(by: { $0.id < $1.id }) {
+        for id in candidates(for: session, all: all, after: after) {
+            guard let record = buffers[id] else { continue }
             let item = info(record, for: session)
             let size = WireMessage.encodedSize(of: item, version: session.version ?? WireLimits.baseVersion)
             guard size <= budget, page.count < Broker.listPageEntries else {
@@ -55,10 +53,29 @@ extension Broker {
             picked.append(record)
             page.append(item)
         }
-        for (index, count) in kernel.referenceCounts(picked.map(\.fd)).enumerated() {
-            page[index].externalReferences = UInt32(clamping: external(count, of: picked[index]) ?? 0)
+        // One count per buffer, in order; a backend that answered otherwise reports no references.
+        let counts = kernel.referenceCounts(picked.map(\.fd))
+        for index in page.indices where index < counts.count {
+            page[index].externalReferences = UInt32(clamping: external(counts[index], of: picked[index]) ?? 0)
         }
         return (.list(page, more: more), [])
+    }
+
+    /// The `listPageEntries + 1` smallest ids above `after` that the session may list, ascending: one pass
+    /// over the table with a bounded min-max heap, not a sort of everything (a `list` is 20 bytes).
+    private func candidates(for session: ClientSession, all: Bool, after: BufferID) -> [BufferID] {
+        var smallest = Heap<BufferID>()
+        for record in buffers.values where record.id > after && (all || visibleInList(record, to: session)) {
+            smallest.insert(record.id)
+            if smallest.count > Broker.listPageEntries + 1 { _ = smallest.removeMax() }
+        }
+        return smallest.unordered.sorted()
+    }
+
+    /// Own buffers, fetched ones, and the uid's orphans.
+    private func visibleInList(_ record: BufferRecord, to session: ClientSession) -> Bool {
+        record.ownerSession == session.id || session.fetched.contains(record.id)
+            || (record.ownerUID == session.uid && record.ownerSession == nil)
     }
 
     /// Entries in one `list` reply: each costs an fdinfo read on the loop, so a client holding

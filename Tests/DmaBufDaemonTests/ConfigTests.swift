@@ -142,6 +142,11 @@ struct ConfigTests {
         expectBad(prelude + "max_buffer_size = 0\n", line: 5, "max_buffer_size", "'0' must be positive")
     }
 
+    @Test func sharesPerBufferStayDecodable() {
+        expectBad(prelude + "max_shares_per_buffer = 4001\n", line: 5, "max_shares_per_buffer", "must be at most 4000")
+        expectBad(prelude + "max_shares_per_buffer = 0\n", line: 5, "max_shares_per_buffer", "'0' must be positive")
+    }
+
     @Test func firstBadLineWins() {
         expectBad("fd_store = maybe\nlog_level = loud\n", line: 1, "fd_store")
     }

@@ -1,5 +1,6 @@
 import DmaBuf
 import DmaBufTypes
+import DmaBufWire
 
 #if canImport(Glibc)
 import Glibc
@@ -308,7 +309,9 @@ public struct DaemonConfig: Sendable, Equatable {
             // Every buffer_info lists the uids its buffer is shared with, and a decoder takes at most
             // 4,000 entries in a list: a larger bound would make list and info replies undecodable.
             let n = try v.positiveCount()
-            guard n <= 4_000 else { throw ConfigValueError(text: "'\(v.text)' must be at most 4000 (a buffer's info lists every uid)") }
+            guard n <= WireLimits.maximumListEntries else {
+                throw ConfigValueError(text: "'\(v.text)' must be at most \(WireLimits.maximumListEntries) (a buffer's info lists every uid)")
+            }
             maxSharesPerBuffer = n
         case let name where Self.boundKeys[name] != nil:
             self[keyPath: Self.boundKeys[name]!] = try v.positiveCount()

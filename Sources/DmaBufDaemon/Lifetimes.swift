@@ -167,8 +167,12 @@ extension Broker {
             let record = BufferRecord(id: id, fd: fd, facts: facts, heap: meta.heap, tag: meta.tag, name: "", owner: owner,
                                       cgroup: meta.cgroup, ownerSession: nil)
             record.generation = meta.generation
-            record.sharedWith = meta.shared
-            perUID[meta.uid, default: UIDCounts()].shares += meta.shared.count
+            // A store written under a larger max_shares_per_buffer: keep what a reply can still list.
+            record.sharedWith = Set(meta.shared.sorted().prefix(WireLimits.maximumListEntries))
+            if record.sharedWith.count < meta.shared.count {
+                logger.warning("restored buffer was shared with too many uids; kept the lowest", metadata: ["id": "\(id)", "uids": "\(meta.shared.count)"])
+            }
+            perUID[meta.uid, default: UIDCounts()].shares += record.sharedWith.count
             record.contiguous = resolver.isCMA(meta.heap)
             record.restored = true
             record.stored = true

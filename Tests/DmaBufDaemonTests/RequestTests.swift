@@ -270,6 +270,21 @@ struct RequestTests {
         }
     }
 
+    /// `more` is set exactly when a buffer beyond the page exists: not at 256 buffers, at 257.
+    @Test func listSetsMoreOnlyPastAFullPage() throws {
+        try BrokerHarness.scenario() { h in
+        let client = try h.connect(uid: 1000)
+        var held: [SharedFD] = []
+        for _ in 0..<Broker.listPageEntries { held.append(try client.allocate().1) }
+        guard case .list(let full, let more) = try client.request(.list(all: false, after: 0)).0 else { Issue.record("not a list"); return }
+        #expect(full.count == Broker.listPageEntries && !more)
+        held.append(try client.allocate().1)
+        guard case .list(let again, let moreNow) = try client.request(.list(all: false, after: 0)).0 else { Issue.record("not a list"); return }
+        #expect(again.count == Broker.listPageEntries && moreNow)
+        held.removeAll()
+        }
+    }
+
     @Test func infoReadsReferencesAndRefusesRevoked() throws {
         try BrokerHarness.scenario() { h in
         let client = try h.connect()

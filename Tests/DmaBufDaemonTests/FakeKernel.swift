@@ -58,19 +58,10 @@ final class FakeKernel: KernelBackend {
     }
 
     /// fds of this process open on the buffer's file: same device and inode (one fstat per fd, no
-    /// readlink, no array: the request-handling fuzzer calls this on every free).
-    func referenceCount(_ buffer: SharedFD) -> Int? {
-        var target = stat()
-        guard fstat(buffer.descriptor.rawValue, &target) == 0 else { return nil }
-        var count = 0
-        FakeKernel.forEachOpenFD { fd in
-            var st = stat()
-            if fstat(fd, &st) == 0 && st.st_ino == target.st_ino && st.st_dev == target.st_dev { count += 1 }
-        }
-        return count
-    }
+    /// readlink: the request-handling fuzzer calls this on every free).
+    func referenceCount(_ buffer: SharedFD) -> Int? { referenceCounts([buffer])[0] }
 
-    /// The same counts for a page of buffers from one pass over the fds (a `list` asks for up to 256).
+    /// ``referenceCount(_:)`` for a page of buffers from one pass over the fds (a `list` asks for up to 256).
     func referenceCounts(_ buffers: [SharedFD]) -> [Int?] {
         struct File: Hashable { let device: UInt64, inode: UInt64 }
         func file(_ fd: CInt) -> File? {

@@ -45,7 +45,7 @@ final class TestDaemon {
             var status: Int32 = 0
             if waitpid(pid, &status, WNOHANG) == pid {
                 stopped = true
-                throw TestFailure(description: "dmabufd exited at start: \(logTail())")
+                throw TestFailure(description: "dmabufd exited at start (\(describeWaitStatus(status))): \(logTail())")
             }
             usleep(20_000)
         }
@@ -76,8 +76,13 @@ final class TestDaemon {
         return true
     }
 
+    /// The log's last 1,500 characters; after a crash, the Swift runtime's report from its head (signal,
+    /// crashed thread's frames, registers) instead, which a plain tail cut off.
     func logTail() -> String {
         let text = Harness.readFile(directory + "/log") ?? ""
+        if let report = text.firstRange(of: "*** Signal ") ?? text.firstRange(of: "*** Program crashed") {
+            return String(text[report.lowerBound...].prefix(8000))
+        }
         return String(text.suffix(1500))
     }
 
@@ -87,6 +92,14 @@ final class TestDaemon {
             _ = Harness.wait(pid)
         }
     }
+}
+
+/// `waitpid`'s status in words, "exit status N" or "killed by signal N, Name" (Glibc's module lacks the W* macros).
+func describeWaitStatus(_ status: Int32) -> String {
+    let signal = status & 0x7f
+    if signal == 0 { return "exit status \((status >> 8) & 0xff)" }
+    let name = strsignal(signal).map { String(cString: $0) } ?? "signal"
+    return "killed by signal \(signal), \(name)\(status & 0x80 != 0 ? ", core dumped" : "")"
 }
 
 /// Runs `body` against a fresh daemon and stops it after, adding the daemon's log to any failure.

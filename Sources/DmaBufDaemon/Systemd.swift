@@ -23,10 +23,13 @@ public enum Systemd {
     }
 
     /// Descriptors handed over by systemd (listening sockets and fd-store entries) with their names
-    /// (`sd_listen_fds_with_names`). The daemon owns them now.
+    /// (`sd_listen_fds_with_names`). The daemon owns them now. The LISTEN_* variables stay set: unsetting
+    /// them (`unset_environment` 1) would call unsetenv(3) while the runtime's other threads already run,
+    /// and glibc's environment is not safe to change under them. They name this process's pid, so a child
+    /// that inherits them ignores them.
     public static func listenFDs() -> [(fd: CInt, name: String)] {
         var names: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = nil
-        let n = sd_listen_fds_with_names(1, &names)
+        let n = sd_listen_fds_with_names(0, &names)
         guard n > 0 else { return [] }
         var result: [(CInt, String)] = []
         for i in 0..<Int(n) {

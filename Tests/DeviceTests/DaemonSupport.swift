@@ -77,11 +77,13 @@ final class TestDaemon {
     }
 
     /// The log's last 1,500 characters; after a crash, the Swift runtime's report from its head (signal,
-    /// crashed thread's frames, registers) instead, which a plain tail cut off.
+    /// crashed thread's frames, registers) instead, which a plain tail cut off, with the 600 characters
+    /// before it: a trap's "file:line: Fatal error: ..." line and the daemon's last words.
     func logTail() -> String {
         let text = Harness.readFile(directory + "/log") ?? ""
         if let report = text.firstRange(of: "*** Signal ") ?? text.firstRange(of: "*** Program crashed") {
-            return String(text[report.lowerBound...].prefix(8000))
+            let start = text.index(report.lowerBound, offsetBy: -600, limitedBy: text.startIndex) ?? text.startIndex
+            return String(text[start...].prefix(8600))
         }
         return String(text.suffix(1500))
     }

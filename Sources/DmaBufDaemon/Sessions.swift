@@ -26,7 +26,14 @@ extension Broker {
             guard let credentials = try? UnixSocket.peerCredentials(fd.descriptor) else { continue }
             switch identify(fd, credentials) {
             case .success(let (pidfd, cgroup)): adopt(fd, credentials: credentials, cgroup: cgroup, pidfd: pidfd)
-            case .failure(let refusal): refuseConnection(fd, refusal, uid: credentials.uid)
+            case .failure(let refusal):
+                refuseConnection(fd, refusal, uid: credentials.uid)
+                // Out of descriptors for the peer's pidfd or /proc read: every queued connection would be
+                // accepted and refused the same way, so pause the listener as accept's own EMFILE does.
+                if refusal.errno == Errno.tooManyOpenFiles.rawValue {
+                    pauseListener()
+                    return
+                }
             }
         }
     }
@@ -40,6 +47,12 @@ extension Broker {
             if let extra = try? UnixSocket.accept(listener.descriptor) { _ = consume extra }
             reserveFD = open("/dev/null", O_RDONLY | O_CLOEXEC)
         }
+        pauseListener()
+    }
+
+    /// Stops polling the listener for 100 ms (queued connections wait in its backlog).
+    private func pauseListener() {
+        guard listenerBackoff == nil, let listener else { return }
         loop.unregister(listener.descriptor)
         listenerBackoff = loop.schedule(after: .milliseconds(100)) { [unowned self] in
             self.listenerBackoff = nil
@@ -300,6 +313,12 @@ extension Broker {
         if perUID[uid]?.isEmpty == true { perUID[uid] = nil }
     }
 
+    /// The refusal when dmabufd itself has no descriptor left to identify a peer (always EMFILE, which
+    /// ``acceptClients()`` takes as its cue to pause the listener).
+    static func outOfDescriptors(_ error: any Error) -> Refusal {
+        Refusal(.tooManyOpenFiles, .limit, "dmabufd is out of file descriptors: \(error)", fix: "try again later")
+    }
+
     /// Answers a connection that is not served with one error (request id 0) and drops it.
     private func refuseConnection(_ fd: SharedFD, _ refusal: Refusal, uid: UInt32) {
         logger.notice("connection refused", metadata: ["uid": "\(uid)", "why": "\(refusal.message)"])
@@ -319,7 +338,7 @@ extension Broker {
         do {
             pidfd = try PidFD.ofPeer(fd.descriptor, pid: pid)
         } catch let error as DmaBufError where error.errno == .tooManyOpenFiles || error.errno == .tooManyOpenFilesInSystem {
-            return .failure(Refusal(.tooManyOpenFiles, .limit, "dmabufd is out of file descriptors: \(error)", fix: "try again later"))
+            return .failure(Self.outOfDescriptors(error))
         } catch {
             return .failure(Refusal(.noSuchProcess, .permissionDenied, "cannot identify the connecting process (pid \(pid)): \(error)",
                                     fix: "connect from a live process; the kernel needs pidfds (Linux 5.3)"))
@@ -331,6 +350,8 @@ extension Broker {
         let membership: CgroupMembership
         do {
             membership = try CgroupMembership.of(pid: pid, procDirectory: procDirectory)
+        } catch let error as Errno where error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem {
+            return .failure(Self.outOfDescriptors(error))  // dmabufd's own limit, not the peer's fault
         } catch {
             return .failure(Refusal(.noSuchProcess, .permissionDenied, "cannot read /proc/\(pid)/cgroup of the connecting process: \(error)",
                                     fix: "connect from a live process; dmabufd must see /proc/<pid> (no ProtectProc=invisible)"))
